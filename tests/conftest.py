@@ -1,0 +1,39 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("VITQC_SHARED", REPO.parent / "shared"))
+
+# under pytest-xdist each worker gets one thread, so two workers share the two cores without thrashing
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
+
+
+def tiny_vit(num_classes: int = 5, **kwargs):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    cfg = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+               num_classes=num_classes)
+    cfg.update(kwargs)
+    return VisionTransformer(**cfg).eval()
+
+
+@pytest.fixture
+def vit():
+    return tiny_vit()
+
+
+@pytest.fixture
+def calib():
+    g = torch.Generator().manual_seed(1)
+    return list(torch.randn(64, 3, 16, 16, generator=g).split(16))
+
+
+@pytest.fixture
+def shared() -> Path:
+    if not (SHARED / "assets").is_dir():
+        pytest.skip("../shared assets are not present")
+    return SHARED
