@@ -1,0 +1,544 @@
+"""A differentiable uniform fake-quantizer for weights and activations.
+
+:class:`UniformQuantizer` simulates integer quantization in floating point::
+
+    x_q = (clamp(round(x / s) + z, qmin, qmax) - z) * s
+
+with straight-through rounding and LSQ gradient scaling (Esser et al. 2020), written with plain tensor
+ops only (no ``torch.autograd.Function``) so that modules containing it can be captured by
+``torch.export``.
+
+Conventions the rest of vitqc relies on:
+
+* **Symmetric scale**: ``s = amax / qmax`` with ``qmax = 2^(b-1) - 1``, so ``+amax`` is exactly
+  representable and nothing on the positive side is clipped; the extra negative level ``-2^(b-1)`` (full
+  range) is simply unused by minmax init. Ternary (``bits=1.58``) has levels ``{-1, 0, +1} * s`` and
+  ``s = amax``.
+* **Asymmetric range always contains 0** (``lo = min(min, 0)``, ``hi = max(max, 0)``) so that 0 is exact and
+  the zero point lies in ``[qmin, qmax]``: ``s = (hi - lo) / (qmax - qmin)``, ``z = qmin - round(lo / s)``.
+* **Integer codes** (:meth:`UniformQuantizer.integer`) are ``int8`` when ``[qmin, qmax]`` fits in int8
+  (every symmetric/ternary config, asymmetric up to 7 bits), ``uint8`` when it fits in ``[0, 255]``
+  (asymmetric 8 bit), otherwise ``int16``.
+* **Granularity** ``"tensor"``: one scale; ``"channel"``: one scale per index of ``ch_axis``;
+  ``"token"``: dynamic, one scale per row of the last dimension computed at run time from that row's
+  min/max times a learnable per-tensor ``clip_ratio``.
+* **Percentile init** is per group: per tensor for ``"tensor"``, per channel (on that channel's values)
+  for ``"channel"``; for ``"token"`` it sets ``clip_ratio`` to the mean over observed tokens of
+  ``percentile range / minmax range``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["UniformQuantizer", "round_ste", "grad_scale", "TERNARY_BITS", "VALID_BITS"]
+
+TERNARY_BITS = 1.58
+VALID_BITS: tuple[float, ...] = (TERNARY_BITS, 2, 3, 4, 5, 6, 7, 8)
+_EPS = 1e-8  # smallest scale ever used; also the scale given to an all-zero range
+_MSE_GRID = 100  # number of clipping ratios tried by the mse search, linspace(0.01, 1)
+
+Granularity = Literal["tensor", "channel", "token"]
+InitMethod = Literal["minmax", "percentile", "mse"]
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round to nearest (half to even) with a straight-through gradient of 1.
+
+    The value is exactly ``x.round()``: ``round(x) - x`` is exact in floating point (the operands are within
+    a factor 2 of each other, or one is 0) and adding ``x`` back gives a representable integer.
+    """
+    return (x.round() - x).detach() + x
+
+
+def grad_scale(x: Tensor, g: float) -> Tensor:
+    """Identity in value (bit-exact), multiplies the gradient by ``g``.
+
+    Written as ``x.detach() + (x*g - (x*g).detach())`` rather than ``(x - x*g).detach() + x*g`` because the
+    latter can differ from ``x`` by one ulp, which would break ``dequantize(integer(x)) == forward(x)``.
+    """
+    xg = x * g
+    return x.detach() + (xg - xg.detach())
+
+
+def _qparams(lo: Tensor, hi: Tensor, qmin: int, qmax: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """Scale (>= _EPS) and integer-valued zero point for the range [lo, hi]; conventions in the module docstring."""
+    if symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        s = amax / qmax
+        s = torch.where(s > _EPS, s, torch.full_like(s, _EPS))
+        return s, torch.zeros_like(s)
+    lo = lo.clamp(max=0.0)
+    hi = hi.clamp(min=0.0)
+    s = (hi - lo) / (qmax - qmin)
+    s = torch.where(s > _EPS, s, torch.full_like(s, _EPS))
+    z = (qmin - torch.round(lo / s)).clamp(qmin, qmax)
+    return s, z
+
+
+def _fake_quant(x: Tensor, s: Tensor, z: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Hard fake quantization without gradient tricks (used by the init searches)."""
+    return (torch.clamp(torch.round(x / s) + z, qmin, qmax) - z) * s
+
+
+def _quantile(x: Tensor, q: float, dim: int = -1) -> Tensor:
+    """Linear-interpolation quantile along ``dim`` (``torch.quantile`` refuses inputs above 16M elements)."""
+    n = x.shape[dim]
+    srt = x.sort(dim=dim).values
+    pos = q * (n - 1)
+    i0 = int(math.floor(pos))
+    i1 = min(i0 + 1, n - 1)
+    frac = pos - i0
+    v0 = srt.select(dim, i0)
+    v1 = srt.select(dim, i1)
+    return v0 + (v1 - v0) * frac
+
+
+def _token_fake_quant(x: Tensor, ratio: Tensor | float, qmin: int, qmax: int, symmetric: bool) -> Tensor:
+    """Hard dynamic per-token fake quantization (rows of the last dim), for the clip-ratio search."""
+    if symmetric:
+        amax = x.abs().amax(-1, keepdim=True)
+        s = (ratio * amax / qmax).clamp_min(_EPS)
+        return torch.clamp(torch.round(x / s), qmin, qmax) * s
+    lo = x.amin(-1, keepdim=True).clamp(max=0.0)
+    hi = x.amax(-1, keepdim=True).clamp(min=0.0)
+    s = (ratio * (hi - lo) / (qmax - qmin)).clamp_min(_EPS)
+    z = (qmin - torch.round(ratio * lo / s)).clamp(qmin, qmax)
+    return _fake_quant(x, s, z, qmin, qmax)
+
+
+class UniformQuantizer(nn.Module):
+    """Uniform fake-quantizer with learnable step (LSQ) and, if asymmetric, learnable zero point.
+
+    Life cycle: construct, then either ``init_from_tensor(w)`` (weights) or ``observe(True)``, run
+    calibration batches, ``observe(False)``, ``init_from_observed()`` (activations). Using it before
+    that raises ``RuntimeError``. ``enabled = False`` makes forward the identity.
+
+    Parameters/buffers (state_dict keys): ``scale`` (Parameter, shape ``[]`` for tensor and ``[C]`` for
+    channel granularity), ``zero_point`` (Parameter for asymmetric, zero buffer for symmetric, same shape
+    as ``scale``), ``clip_ratio`` (Parameter ``[]``, token granularity only, instead of scale/zero_point)
+    and ``initialized`` (bool buffer). Initialization may *replace* ``scale``/``zero_point`` by new
+    Parameter objects of the right shape, so build optimizers after calibration.
+    """
+
+    def __init__(
+        self,
+        *,
+        bits: float,
+        symmetric: bool,
+        granularity: Granularity,
+        ch_axis: int = 0,
+        init: InitMethod = "minmax",
+        percentile: float = 99.99,
+        learnable: bool = True,
+        narrow_range: bool = False,
+        max_samples: int = 100_000,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.bits: float = self._validate_bits(bits)
+        if self.is_ternary and not symmetric:
+            raise ValueError("ternary quantization (bits=1.58) is symmetric only: pass symmetric=True")
+        if narrow_range and not symmetric:
+            raise ValueError("narrow_range applies to symmetric quantization only")
+        if granularity not in ("tensor", "channel", "token"):
+            raise ValueError(f"granularity must be 'tensor', 'channel' or 'token', got {granularity!r}")
+        if init not in ("minmax", "percentile", "mse"):
+            raise ValueError(f"init must be 'minmax', 'percentile' or 'mse', got {init!r}")
+        if not 0.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+        if max_samples < 1:
+            raise ValueError(f"max_samples must be positive, got {max_samples}")
+        self.symmetric = bool(symmetric)
+        self.granularity: Granularity = granularity
+        self.ch_axis = int(ch_axis)
+        self.init_method: InitMethod = init
+        self.percentile = float(percentile)
+        self.learnable = bool(learnable)
+        self.narrow_range = bool(narrow_range)
+        self.max_samples = int(max_samples)
+        self.enabled = True
+
+        if granularity == "token":
+            self.clip_ratio = nn.Parameter(torch.ones(()), requires_grad=self.learnable)
+        else:
+            shape = () if granularity == "tensor" else (1,)  # channel: resized to [C] at initialization
+            self.scale = nn.Parameter(torch.ones(shape), requires_grad=self.learnable)
+            if self.symmetric:
+                self.register_buffer("zero_point", torch.zeros(shape))
+            else:
+                self.zero_point = nn.Parameter(torch.zeros(shape), requires_grad=self.learnable)
+        self.register_buffer("initialized", torch.tensor(False))
+        # Python mirror of `initialized`: forward must not branch on a tensor (torch.export).
+        self._is_init = False
+
+        # Observer state: plain attributes, deliberately not in state_dict.
+        self._observing = False
+        self._gen = torch.Generator().manual_seed(seed)
+        self.reset_observer()
+
+    # ------------------------------------------------------------------ integer range
+
+    @staticmethod
+    def _validate_bits(bits: float) -> float:
+        for v in VALID_BITS:
+            if float(bits) == float(v):
+                return v
+        raise ValueError(f"bits must be one of {', '.join(str(b) for b in VALID_BITS)} (1.58 = ternary), got {bits}")
+
+    @property
+    def is_ternary(self) -> bool:
+        return self.bits == TERNARY_BITS
+
+    @property
+    def qmin(self) -> int:
+        if self.is_ternary:
+            return -1
+        b = int(self.bits)
+        if not self.symmetric:
+            return 0
+        return -(2 ** (b - 1)) + (1 if self.narrow_range else 0)
+
+    @property
+    def qmax(self) -> int:
+        if self.is_ternary:
+            return 1
+        b = int(self.bits)
+        return 2 ** (b - 1) - 1 if self.symmetric else 2**b - 1
+
+    @property
+    def is_initialized(self) -> bool:
+        return self._is_init
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"bits={self.bits}", f"symmetric={self.symmetric}", f"granularity={self.granularity}",
+        ]
+        if self.granularity == "channel":
+            parts.append(f"ch_axis={self.ch_axis}")
+        parts += [f"range=[{self.qmin}, {self.qmax}]", f"init={self.init_method}"]
+        if self.init_method == "percentile":
+            parts.append(f"percentile={self.percentile}")
+        parts += [f"learnable={self.learnable}", f"initialized={self._is_init}"]
+        if not self.enabled:
+            parts.append("enabled=False")
+        return ", ".join(parts)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        if self._observing:
+            self._record(x)
+            return x
+        if not self._is_init:
+            raise RuntimeError(
+                "quantizer used before calibration: call init_from_tensor(w), or observe(True) + calibration "
+                "batches + observe(False) + init_from_observed() first"
+            )
+        qmin, qmax = self.qmin, self.qmax
+        if self.granularity == "token":
+            return self._forward_token(x, qmin, qmax)
+
+        if x.numel() == 0:
+            return x
+        n_groups = 1 if self.granularity == "tensor" else self.scale.numel()
+        # LSQ gradient scale; `** -0.5` (not math.sqrt) keeps a symbolic numel symbolic under torch.export.
+        s = grad_scale(self.scale.clamp_min(_EPS), (x.numel() // n_groups * qmax) ** -0.5)
+        s = self._broadcast(s, x)
+        v = round_ste(x / s)
+        if self.symmetric:
+            out = torch.clamp(v, qmin, qmax) * s
+        else:
+            z = self._broadcast(torch.clamp(round_ste(self.zero_point), qmin, qmax), x)
+            out = (torch.clamp(v + z, qmin, qmax) - z) * s
+        return out.to(x.dtype)
+
+    def _forward_token(self, x: Tensor, qmin: int, qmax: int) -> Tensor:
+        # The per-token range is a statistic of the input: detached, so x gets the plain clipped STE gradient
+        # and the learnable part is only clip_ratio (LSQ-scaled over the whole tensor).
+        xd = x.detach()
+        if x.numel() == 0:
+            return x
+        r = grad_scale(self.clip_ratio.clamp_min(_EPS), (x.numel() * qmax) ** -0.5)
+        if self.symmetric:
+            s = (r * xd.abs().amax(-1, keepdim=True) / qmax).clamp_min(_EPS)
+            out = torch.clamp(round_ste(x / s), qmin, qmax) * s
+        else:
+            lo = xd.amin(-1, keepdim=True).clamp(max=0.0)
+            hi = xd.amax(-1, keepdim=True).clamp(min=0.0)
+            s = (r * (hi - lo) / (qmax - qmin)).clamp_min(_EPS)
+            # z = qmin - round(r*lo/s) does not depend on r (it cancels), so no gradient path is lost.
+            z = (qmin - torch.round(r.detach() * lo / s.detach())).clamp(qmin, qmax)
+            out = (torch.clamp(round_ste(x / s) + z, qmin, qmax) - z) * s
+        return out.to(x.dtype)
+
+    def _channel_shape(self, ndim: int) -> list[int]:
+        axis = self.ch_axis if self.ch_axis >= 0 else self.ch_axis + ndim
+        if not 0 <= axis < ndim:
+            raise ValueError(f"ch_axis={self.ch_axis} is out of range for a {ndim}-d tensor")
+        shape = [1] * ndim
+        shape[axis] = -1
+        return shape
+
+    def _broadcast(self, t: Tensor, x: Tensor) -> Tensor:
+        if self.granularity == "tensor":
+            return t
+        c = t.numel()
+        axis = self.ch_axis if self.ch_axis >= 0 else self.ch_axis + x.dim()
+        if not 0 <= axis < x.dim() or x.shape[axis] != c:
+            raise RuntimeError(
+                f"per-channel quantizer has {c} channels on axis {self.ch_axis} but got input of shape "
+                f"{tuple(x.shape)}"
+            )
+        return t.reshape(self._channel_shape(x.dim()))
+
+    # ------------------------------------------------------------------ materialization helpers
+
+    def _check_static(self, what: str) -> None:
+        if self.granularity == "token":
+            raise ValueError(f"{what} is only defined for tensor/channel granularity (token scales are dynamic)")
+        if not self._is_init:
+            raise RuntimeError(f"quantizer used before calibration: {what} needs an initialized quantizer")
+
+    def scale_tensor(self, ndim: int | None = None) -> Tensor:
+        """The scale used in forward (clamped positive, detached): ``[]`` for tensor granularity; for channel
+        granularity ``[C]``, or broadcast-ready for an ``ndim``-d tensor when ``ndim`` is given."""
+        self._check_static("scale_tensor()")
+        s = self.scale.detach().clamp_min(_EPS)
+        if self.granularity == "channel" and ndim is not None:
+            s = s.reshape(self._channel_shape(ndim))
+        return s
+
+    def zero_point_tensor(self, ndim: int | None = None) -> Tensor:
+        """The zero point used in forward (rounded, clamped to [qmin, qmax], float, detached); shaped as
+        :meth:`scale_tensor`. All zeros for symmetric quantizers."""
+        self._check_static("zero_point_tensor()")
+        z = self.zero_point.detach()
+        if not self.symmetric:
+            z = torch.clamp(z.round(), self.qmin, self.qmax)
+        if self.granularity == "channel" and ndim is not None:
+            z = z.reshape(self._channel_shape(ndim))
+        return z
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        """Dtype of :meth:`integer` codes: int8 if [qmin, qmax] fits, else uint8 if it fits [0, 255], else int16."""
+        if self.qmin >= -128 and self.qmax <= 127:
+            return torch.int8
+        if self.qmin >= 0 and self.qmax <= 255:
+            return torch.uint8
+        return torch.int16
+
+    @torch.no_grad()
+    def integer(self, x: Tensor) -> Tensor:
+        """Integer codes ``clamp(round(x/s) + z, qmin, qmax)`` as :attr:`code_dtype`."""
+        self._check_static("integer()")
+        s = self.scale_tensor(x.dim())
+        q = torch.round(x / s)
+        if not self.symmetric:
+            q = q + self.zero_point_tensor(x.dim())
+        return torch.clamp(q, self.qmin, self.qmax).to(self.code_dtype)
+
+    @torch.no_grad()
+    def dequantize(self, codes: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """``(codes - z) * s``; bit-identical to forward for the input the codes came from (float32)."""
+        self._check_static("dequantize()")
+        s = self.scale_tensor(codes.dim())
+        q = codes.to(s.dtype)
+        if not self.symmetric:
+            q = q - self.zero_point_tensor(codes.dim())
+        out = q * s
+        return out if dtype is None else out.to(dtype)
+
+    # ------------------------------------------------------------------ observation / calibration
+
+    def observe(self, enabled: bool = True) -> "UniformQuantizer":
+        """Enter (``True``) or leave (``False``) observing mode. While observing, forward returns its input
+        unchanged and records statistics. Entering afresh discards previously recorded statistics."""
+        if enabled and not self._observing:
+            self.reset_observer()
+        self._observing = bool(enabled)
+        return self
+
+    @property
+    def observing(self) -> bool:
+        return self._observing
+
+    def reset_observer(self) -> None:
+        """Drop recorded statistics (running min/max and the value subsample)."""
+        self._run_min: Tensor | None = None
+        self._run_max: Tensor | None = None
+        self._samples: Tensor | None = None  # tensor: [k]; channel: [C, k]; token: [k, D]
+        self._seen = 0  # units (values / channel columns / token rows) seen so far
+
+    def _units(self, x: Tensor) -> tuple[Tensor, int]:
+        """``x`` as sampling units along dim ``udim`` (returned): values, channel columns or token rows."""
+        if self.granularity == "tensor":
+            return x.reshape(-1), 0
+        if self.granularity == "channel":
+            axis = self.ch_axis if self.ch_axis >= 0 else self.ch_axis + x.dim()
+            return x.movedim(axis, 0).reshape(x.shape[axis], -1), 1
+        return x.reshape(-1, x.shape[-1]), 0
+
+    def _pick(self, t: Tensor, k: int, dim: int) -> Tensor:
+        n = t.shape[dim]
+        if n <= k:
+            return t
+        if n <= 8 * k:
+            idx = torch.randperm(n, generator=self._gen)[:k]
+        else:  # randperm of a huge activation costs memory; with replacement is fine for n >> k
+            idx = torch.randint(n, (k,), generator=self._gen)
+        return t.index_select(dim, idx.to(t.device))
+
+    @torch.no_grad()
+    def _record(self, x: Tensor) -> None:
+        x = x.detach().float()
+        if x.numel() == 0:
+            return
+        units, udim = self._units(x)
+        if self.granularity == "channel":
+            mn, mx = units.amin(1), units.amax(1)
+            if self._run_min is not None and self._run_min.shape != mn.shape:
+                raise RuntimeError(f"observed {mn.numel()} channels, previously {self._run_min.numel()}")
+        else:
+            mn, mx = x.amin(), x.amax()
+        self._run_min = mn if self._run_min is None else torch.minimum(self._run_min, mn)
+        self._run_max = mx if self._run_max is None else torch.maximum(self._run_max, mx)
+
+        # Bounded, approximately uniform subsample over all batches: the budget is split between the
+        # old sample and this batch in proportion to how many units each stands for.
+        per_unit = 1 if self.granularity == "tensor" else units.numel() // units.shape[udim]
+        cap = max(1, self.max_samples // max(per_unit, 1))
+        n_new = units.shape[udim]
+        total = self._seen + n_new
+        if self._samples is None:
+            merged = self._pick(units, cap, udim)
+        elif total <= cap:
+            merged = torch.cat([self._samples, units], udim)
+        else:
+            k_new = max(1, round(cap * n_new / total))
+            old = self._pick(self._samples, cap - k_new, udim)
+            merged = torch.cat([old, self._pick(units, cap - old.shape[udim], udim)], udim)
+        self._samples = merged
+        self._seen = total
+
+    def init_from_observed(self) -> "UniformQuantizer":
+        """Set the quantization parameters from the statistics recorded while observing, with the ``init``
+        method; frees the recorded statistics."""
+        if self._observing:
+            raise RuntimeError("call observe(False) before init_from_observed()")
+        if self._samples is None or self._run_min is None or self._run_max is None:
+            raise RuntimeError("init_from_observed(): nothing was observed (run calibration batches in observe mode)")
+        self._initialize(self._samples, self._run_min, self._run_max)
+        self.reset_observer()
+        return self
+
+    @torch.no_grad()
+    def init_from_tensor(self, w: Tensor) -> "UniformQuantizer":
+        """Set the quantization parameters directly from ``w`` (all of it, no subsampling), e.g. a weight."""
+        w = w.detach().float()
+        if w.numel() == 0:
+            raise ValueError("init_from_tensor(): empty tensor")
+        units, udim = self._units(w)
+        if self.granularity == "channel":
+            lo, hi = units.amin(1), units.amax(1)
+        else:
+            lo, hi = w.amin(), w.amax()
+        self._initialize(units, lo, hi)
+        return self
+
+    @torch.no_grad()
+    def _initialize(self, samples: Tensor, lo: Tensor, hi: Tensor) -> None:
+        qmin, qmax = self.qmin, self.qmax
+        if self.granularity == "token":
+            self._set("clip_ratio", torch.tensor(self._token_ratio(samples, qmin, qmax)), param=True)
+        else:
+            if self.init_method == "percentile":
+                lo, hi = self._percentile_range(samples)
+            elif self.init_method == "mse":
+                lo, hi = self._mse_range(samples, lo, hi, qmin, qmax)
+            s, z = _qparams(lo, hi, qmin, qmax, self.symmetric)
+            self._set("scale", s, param=True)
+            self._set("zero_point", z, param=not self.symmetric)
+        self.initialized.fill_(True)
+        self._is_init = True
+
+    def _percentile_range(self, samples: Tensor) -> tuple[Tensor, Tensor]:
+        p = self.percentile / 100.0
+        if self.symmetric:
+            amax = _quantile(samples.abs(), p)
+            return -amax, amax
+        return _quantile(samples, 1.0 - p), _quantile(samples, p)
+
+    def _mse_range(self, samples: Tensor, lo: Tensor, hi: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+        """Best ``alpha * [lo, hi]`` over a grid of clipping ratios (per channel for channel granularity)."""
+        alphas = torch.linspace(0.01, 1.0, _MSE_GRID).tolist()
+        col = (lambda t: t.unsqueeze(1)) if self.granularity == "channel" else (lambda t: t)
+        best_err: Tensor | None = None
+        best_alpha = torch.ones_like(lo)
+        for a in alphas:
+            s, z = _qparams(lo * a, hi * a, qmin, qmax, self.symmetric)
+            err = (_fake_quant(samples, col(s), col(z), qmin, qmax) - samples).pow(2)
+            err = err.mean(1) if self.granularity == "channel" else err.mean()
+            if best_err is None:
+                best_err, best_alpha = err, torch.full_like(lo, a)
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_alpha = torch.where(better, torch.full_like(lo, a), best_alpha)
+        return lo * best_alpha, hi * best_alpha
+
+    def _token_ratio(self, rows: Tensor, qmin: int, qmax: int) -> float:
+        if self.init_method == "minmax":
+            return 1.0
+        if self.init_method == "percentile":
+            p = self.percentile / 100.0
+            if self.symmetric:
+                full, clipped = rows.abs().amax(-1), _quantile(rows.abs(), p)
+            else:
+                full = rows.amax(-1).clamp(min=0) - rows.amin(-1).clamp(max=0)
+                clipped = _quantile(rows, p).clamp(min=0) - _quantile(rows, 1.0 - p).clamp(max=0)
+            keep = full > 0
+            return float((clipped[keep] / full[keep]).mean()) if bool(keep.any()) else 1.0
+        best_a, best_err = 1.0, math.inf
+        for a in torch.linspace(0.01, 1.0, _MSE_GRID).tolist():
+            err = float((_token_fake_quant(rows, a, qmin, qmax, self.symmetric) - rows).pow(2).mean())
+            if err < best_err:
+                best_a, best_err = a, err
+        return best_a
+
+    def _set(self, name: str, value: Tensor, *, param: bool) -> None:
+        """Write ``value`` into parameter/buffer ``name``: in place when the shape matches (keeps the object
+        an optimizer may hold), otherwise as a new tensor of the new shape on the old device/dtype."""
+        old: Tensor = getattr(self, name)
+        value = value.to(device=old.device, dtype=old.dtype)
+        if old.shape == value.shape:
+            with torch.no_grad():
+                old.copy_(value)
+        elif param:
+            setattr(self, name, nn.Parameter(value.clone(), requires_grad=self.learnable))
+        else:
+            self.register_buffer(name, value.clone())
+
+    # ------------------------------------------------------------------ state_dict
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:
+        # A fresh channel quantizer holds 1-element placeholders: resize them to the saved shapes first.
+        for name in ("scale", "zero_point"):
+            key = prefix + name
+            cur = getattr(self, name, None)
+            if key in state_dict and isinstance(cur, Tensor) and cur.shape != state_dict[key].shape:
+                self._set(name, torch.zeros(state_dict[key].shape), param=isinstance(cur, nn.Parameter))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if prefix + "initialized" in state_dict:
+            self._is_init = bool(state_dict[prefix + "initialized"])
