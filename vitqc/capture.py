@@ -1,0 +1,378 @@
+"""Capture an ``nn.Module`` to a ``torch.fx.GraphModule`` with a timm-aware tracer.
+
+:class:`VitqcTracer` is ``torch.fx.Tracer`` with
+
+* leaf modules: torch's defaults (every ``torch.nn`` module but ``nn.Sequential``), timm's registered no-trace
+  modules (``timm.layers.register_notrace_module``), ``nn.MultiheadAttention`` (a black box that the
+  ``decompose_mha`` pass opens) and whatever was given to :func:`register_leaf_module`;
+* autowrapped functions: timm's no-trace functions (``timm.layers.register_notrace_function``) and those given
+  to :func:`register_leaf_function`;
+* ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` traced through plain-Python re-implementations of
+  their slow path (their fast-path checks call ``bool()`` on tensors and cannot be traced), so their
+  ``self_attn`` / ``linear1`` / ``norm1`` ... appear as ordinary ``call_module`` nodes.
+
+Node metadata after :func:`capture`:
+
+* ``nn_module_stack`` (torch's own): ``{key: (module path, module type)}``, outermost first;
+* ``vitqc_owner``: the path of the module that owns the node (``"blocks.0.attn"`` for the matmul inside that
+  attention; for ``call_module`` / ``get_attr`` nodes the parent path of the target; ``""`` for the root);
+* ``tensor_meta`` (torch's ``ShapeProp``) when an example input was given.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import operator
+import traceback
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_flatten
+
+from vitqc.errors import TraceFailure
+
+__all__ = ["VitqcTracer", "capture", "register_leaf_module", "register_leaf_function", "set_owner_meta",
+           "owner_of", "max_abs_diff", "NodeEmitter", "static_tensor_meta", "static_dtype", "get_attr_value",
+           "finish_graph"]
+
+_LEAF_MODULES: set[type[nn.Module]] = set()
+_LEAF_FUNCTIONS: set[Callable[..., Any]] = set()
+
+
+def register_leaf_module(cls: type[nn.Module]) -> type[nn.Module]:
+    """Class decorator: keep modules of this type (and subclasses) as one ``call_module`` node when capturing."""
+    _LEAF_MODULES.add(cls)
+    return cls
+
+
+def register_leaf_function(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: keep calls of this (module-level) function as one ``call_function`` node when capturing."""
+    _LEAF_FUNCTIONS.add(fn)
+    return fn
+
+
+def _timm_notrace() -> tuple[list[type[nn.Module]], list[Callable[..., Any]]]:
+    try:
+        import timm  # noqa: F401  (importing timm registers its no-trace modules/functions)
+        from timm.layers import _fx as timm_fx
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return [], []
+    mods = [m for m in timm_fx.get_notrace_modules() if isinstance(m, type)]
+    fns = [f for f in timm_fx.get_notrace_functions() if callable(f)]
+    return mods, fns
+
+
+# ------------------------------------------------------------------ traceable nn.TransformerEncoder(Layer)
+def _encoder_layer_forward(layer: nn.TransformerEncoderLayer, src: Any, src_mask: Any = None,
+                           src_key_padding_mask: Any = None, is_causal: bool = False) -> Any:
+    """The slow path of ``nn.TransformerEncoderLayer.forward``, without its fast-path and mask checks.
+
+    Masks are passed unchanged to ``self_attn``: ``nn.MultiheadAttention`` canonicalises them itself.
+    """
+
+    def sa_block(x: Any) -> Any:
+        kwargs: dict[str, Any] = {"need_weights": False}
+        if src_mask is not None:
+            kwargs["attn_mask"] = src_mask
+        if src_key_padding_mask is not None:
+            kwargs["key_padding_mask"] = src_key_padding_mask
+        if is_causal:
+            kwargs["is_causal"] = True
+        x = layer.self_attn(x, x, x, **kwargs)[0]
+        return layer.dropout1(x)
+
+    def ff_block(x: Any) -> Any:
+        x = layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
+        return layer.dropout2(x)
+
+    x = src
+    if layer.norm_first:
+        x = x + sa_block(layer.norm1(x))
+        x = x + ff_block(layer.norm2(x))
+    else:
+        x = layer.norm1(x + sa_block(x))
+        x = layer.norm2(x + ff_block(x))
+    return x
+
+
+def _encoder_forward(encoder: nn.TransformerEncoder, src: Any, mask: Any = None,
+                     src_key_padding_mask: Any = None, is_causal: bool | None = None) -> Any:
+    """The slow path of ``nn.TransformerEncoder.forward`` (no nested tensors)."""
+    output = src
+    for mod in encoder.layers:
+        output = mod(output, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=bool(is_causal))
+    if encoder.norm is not None:
+        output = encoder.norm(output)
+    return output
+
+
+_TRACE_THROUGH: dict[type[nn.Module], Callable[..., Any]] = {
+    nn.TransformerEncoderLayer: _encoder_layer_forward,
+    nn.TransformerEncoder: _encoder_forward,
+}
+
+
+def _reimplementation(m: nn.Module) -> Callable[..., Any] | None:
+    for cls, fn in _TRACE_THROUGH.items():
+        # only when the class's forward is torch's own (a subclass with its own forward is traced as written)
+        if isinstance(m, cls) and type(m).forward is cls.forward:
+            return fn
+    return None
+
+
+class VitqcTracer(fx.Tracer):
+    """``torch.fx.Tracer`` that knows timm's leaf modules/functions and traces nn.TransformerEncoder(Layer)."""
+
+    def __init__(self, leaf_modules: tuple[type[nn.Module], ...] = (),
+                 autowrap_functions: tuple[Callable[..., Any], ...] = ()) -> None:
+        timm_mods, timm_fns = _timm_notrace()
+        fns = tuple(dict.fromkeys([*timm_fns, *_LEAF_FUNCTIONS, *autowrap_functions]))
+        super().__init__(autowrap_functions=fns)
+        self.leaf_types: tuple[type[nn.Module], ...] = tuple(
+            dict.fromkeys([*timm_mods, *_LEAF_MODULES, *leaf_modules, nn.MultiheadAttention]))
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if _reimplementation(m) is not None:
+            return False
+        if isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        impl = _reimplementation(m)
+        if impl is not None:
+            forward = functools.partial(impl, m)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as e:
+            if not hasattr(e, "_vitqc_where"):
+                try:
+                    path = self.path_of_module(m)
+                except Exception:  # pragma: no cover
+                    path = "?"
+                last = next(iter(reversed(self.graph.nodes)), None)
+                try:
+                    e._vitqc_where = (path, type(m), last.name if last is not None else None)  # type: ignore[attr-defined]
+                except Exception:  # pragma: no cover - exceptions that refuse attributes
+                    pass
+            raise
+
+
+# ------------------------------------------------------------------------------------------- node meta
+def owner_of(node: fx.Node) -> str:
+    """The path of the module a node belongs to (see the module docstring)."""
+    if node.op in ("call_module", "get_attr"):
+        return str(node.target).rpartition(".")[0]
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return str(list(stack.values())[-1][0])
+    return ""
+
+
+def set_owner_meta(gm: fx.GraphModule) -> None:
+    """Set ``node.meta["vitqc_owner"]`` on every node that lacks it."""
+    for node in gm.graph.nodes:
+        if "vitqc_owner" not in node.meta:
+            node.meta["vitqc_owner"] = owner_of(node)
+
+
+# ---------------------------------------------------------------------------------------------- capture
+def _failure_message(model: nn.Module, e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    where = getattr(e, "_vitqc_where", None)
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if "/torch/" not in f.filename and not f.filename.endswith("vitqc/capture.py")]
+    loc = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    if where is not None:
+        path, cls, last = where
+        place = f"in module '{path}' ({cls.__qualname__})" if path else f"in {cls.__qualname__}.forward"
+        node = f", after node '{last}'" if last else ""
+        hint = (f"; make it a leaf with timm.layers.register_notrace_module({cls.__qualname__}) or "
+                f"vitqc.capture.register_leaf_module({cls.__qualname__})")
+    else:
+        place, node, hint = f"in {type(model).__qualname__}.forward", "", ""
+    fn_hint = ""
+    if frames and frames[-1].name != "forward":
+        fn_hint = (f", or wrap the function {frames[-1].name}() with timm.layers.register_notrace_function "
+                   f"/ vitqc.capture.register_leaf_function")
+    return (f"could not capture {type(model).__qualname__} to a torch.fx graph {place}{node}: "
+            f"{type(e).__name__}: {first}{loc}{hint}{fn_hint}")
+
+
+def _flat_tensors(value: Any) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten(value)
+    return [v for v in leaves if isinstance(v, torch.Tensor)]
+
+
+def max_abs_diff(a: Any, b: Any) -> float:
+    """Largest absolute difference between two (nested) outputs; inf if their structure differs."""
+    ta, tb = _flat_tensors(a), _flat_tensors(b)
+    if len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb)):
+        return float("inf")
+    diffs = [(x.detach().float() - y.detach().float()).abs().max().item() for x, y in zip(ta, tb) if x.numel()]
+    return max(diffs, default=0.0)
+
+
+def _default_concrete_args(model: nn.Module, n_inputs: int | None) -> dict[str, Any]:
+    """Forward parameters after the tensor inputs that have defaults (``attn_mask=None``, ``is_causal=False``):
+    they are specialised to their defaults, so the graph takes only the image."""
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    except (TypeError, ValueError):
+        return {}
+    if n_inputs is None:
+        n_inputs = max(1, sum(1 for p in params if p.default is p.empty))
+    return {p.name: p.default for p in params[n_inputs:]
+            if p.default is not p.empty and (p.default is None or type(p.default) in (bool, int, float, str))}
+
+
+def _drop_specialised_inputs(graph: fx.Graph, names: list[str]) -> None:
+    """Remove the placeholders of specialised arguments and the asserts fx put on them."""
+    wanted = set(names)
+    for node in [n for n in graph.nodes if n.op == "placeholder"]:
+        target = str(node.target)
+        base, _, suffix = target.rpartition("_")
+        if target not in wanted and not (suffix.isdigit() and base in wanted):  # fx renames to attn_mask_1
+            continue
+        for user in list(node.users):
+            if user.op == "call_function" and getattr(user.target, "__name__", "") == "_assert_is_none":
+                graph.erase_node(user)
+            elif user.op == "call_function" and user.target is operator.eq and len(user.users) == 1:
+                (check,) = user.users
+                if check.op == "call_function" and check.target is torch._assert:
+                    graph.erase_node(check)
+                    graph.erase_node(user)
+        if not node.users:
+            graph.erase_node(node)
+
+
+def capture(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+            check: bool = True, atol: float = 1e-5, concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
+    """Trace ``model`` (put in eval mode) with :class:`VitqcTracer` into a GraphModule in eval mode.
+
+    Forward parameters after the inputs that have constant defaults (timm's ``attn_mask=None``,
+    ``is_causal=False``) are specialised to them unless ``concrete_args`` says otherwise. With ``example``,
+    shapes are recorded in ``node.meta["tensor_meta"]`` and, if ``check``, the graph's output is compared
+    with the eager model's (max abs diff <= ``atol``). Raises :class:`TraceFailure` (one line).
+    """
+    try:
+        model.eval()
+    except NotImplementedError:  # torch.export'ed modules refuse .eval(); they are exported in eval mode
+        pass
+    args = None if example is None else (example if isinstance(example, tuple) else (example,))
+    if concrete_args is None:
+        concrete_args = _default_concrete_args(model, None if args is None else len(args))
+    tracer = VitqcTracer()
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args or None)
+        if concrete_args:
+            _drop_specialised_inputs(graph, list(concrete_args))
+    except Exception as e:
+        raise TraceFailure(_failure_message(model, e)) from e
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    set_owner_meta(gm)
+    gm.eval()
+    gm.meta["vitqc"] = {"captured_from": type(model).__qualname__}
+    if args is not None:
+        with torch.no_grad():
+            try:
+                got = ShapeProp(gm).propagate(*args)
+            except Exception as e:
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise TraceFailure(f"the captured graph of {type(model).__qualname__} fails on the example input: "
+                                   f"{type(e).__name__}: {first}") from e
+            if check:
+                want = model(*args)
+                diff = max_abs_diff(got, want)
+                if not diff <= atol:
+                    raise TraceFailure(
+                        f"the captured graph of {type(model).__qualname__} disagrees with the eager model "
+                        f"(max abs diff {diff:.3g} > {atol:g}); a module probably branches on its input: register "
+                        f"it with vitqc.capture.register_leaf_module")
+    return gm
+
+
+# ------------------------------------------------------------------ graph-editing helpers used by passes
+class NodeEmitter:
+    """Creates nodes before ``anchor`` that carry the capture metadata (for passes that rewrite the graph).
+
+    Every emitted node gets ``vitqc_owner`` = ``owner`` (default: the anchor's owner; for ``call_module`` nodes
+    always the parent path of the target) and a copy of the anchor's ``nn_module_stack``, extended with
+    ``owner`` when ``owner_type`` is given and the stack does not already end there.
+    """
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node, owner: str | None = None,
+                 owner_type: type | None = None) -> None:
+        self.graph = graph
+        self.anchor = anchor
+        self.owner = owner if owner is not None else anchor.meta.get("vitqc_owner", owner_of(anchor))
+        stack = dict(anchor.meta.get("nn_module_stack", {}) or {})
+        if owner and owner_type is not None and (not stack or list(stack.values())[-1][0] != owner):
+            stack[owner] = (owner, owner_type)
+        self.stack = stack
+        self.created: list[fx.Node] = []
+
+    def _meta(self, node: fx.Node) -> fx.Node:
+        if self.stack:
+            node.meta["nn_module_stack"] = dict(self.stack)
+        node.meta["vitqc_owner"] = owner_of(node) if node.op == "call_module" else self.owner
+        self.created.append(node)
+        return node
+
+    def function(self, target: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            return self._meta(self.graph.call_function(target, tuple(args), kwargs))
+
+    def method(self, name: str, *args: Any, **kwargs: Any) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            return self._meta(self.graph.call_method(name, tuple(args), kwargs))
+
+    def module(self, target: str, *args: Any, **kwargs: Any) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            return self._meta(self.graph.call_module(target, tuple(args), kwargs))
+
+
+def static_tensor_meta(value: Any) -> Any:
+    """``tensor_meta`` of a node (ShapeProp at capture) when it describes a single tensor, else None."""
+    if not isinstance(value, fx.Node):
+        return None
+    meta = value.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape") and hasattr(meta, "dtype"):
+        return meta
+    return None
+
+
+def get_attr_value(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def static_dtype(gm: fx.GraphModule, value: Any) -> torch.dtype | None:
+    """A value's dtype when known without running the graph (tensor_meta, a get_attr tensor), else None."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype
+    meta = static_tensor_meta(value)
+    if meta is not None:
+        return meta.dtype
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        try:
+            obj = get_attr_value(gm, str(value.target))
+        except AttributeError:
+            return None
+        if isinstance(obj, torch.Tensor):
+            return obj.dtype
+    return None
+
+
+def finish_graph(gm: fx.GraphModule, delete_unused_submodules: bool = True) -> None:
+    """Lint and recompile after a rewrite (and drop submodules no node uses any more)."""
+    gm.graph.lint()
+    if delete_unused_submodules:
+        gm.delete_all_unused_submodules()
+    gm.recompile()
