@@ -1,0 +1,201 @@
+"""insert_quantizers: put fake-quantizers on every op that will run in low precision.
+
+Rules by op kind (each can be switched off):
+* ``nn.Linear`` -> ``QuantLinear``: per-channel weight quantizer + quantizer on its input;
+* ``nn.Conv2d`` (the patch embedding) -> ``QuantConv2d``: same, its input is the image;
+* the two attention matmuls (``q @ k^T`` and ``attn @ v``, any ``matmul`` between two activations): a
+  quantizer on each input that is not already quantized;
+* softmax output: its own quantizer (``softmax_bits``), which also serves as the ``attn @ v`` input.
+
+``keep`` gives other bit widths to named parts (``{"head" = 8, "patch_embed" = 8}``: a module path or glob,
+matching the path itself or anything under it); ``skip`` leaves named parts in floating point.
+Quantizers start uninitialised: ``calibrate`` (or a later pass) sets their ranges.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import fx, nn
+
+from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_property, register_pass
+from vitqc.passes.properties import MATMUL_FUNCTIONS
+from vitqc.quant.modules import INT_LAYERS, QUANT_LAYERS, QuantConv2d, QuantLinear
+from vitqc.quant.quantizer import UniformQuantizer
+
+SOFTMAX_FUNCTIONS = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
+
+
+def quantizers(gm: nn.Module) -> dict[str, UniformQuantizer]:
+    return {name: m for name, m in gm.named_modules() if isinstance(m, UniformQuantizer)}
+
+
+@graph_property("quantized")
+def is_quantized(gm: fx.GraphModule) -> bool:
+    """Fake-quantizers have been inserted (at least one quantized layer)."""
+    return any(isinstance(m, QUANT_LAYERS + INT_LAYERS) for m in gm.modules())
+
+
+def is_softmax(node: fx.Node) -> bool:
+    return ((node.op == "call_method" and node.target == "softmax")
+            or (node.op == "call_function" and node.target in SOFTMAX_FUNCTIONS))
+
+
+def is_activation_matmul(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in MATMUL_FUNCTIONS
+
+
+def owner_of(gm: fx.GraphModule, node: fx.Node) -> str:
+    """Module path that owns ``node`` (``blocks.0.attn`` for its matmuls), '' for the top level."""
+    if node.op == "call_module":
+        return str(node.target).rpartition(".")[0]
+    if "vitqc_owner" in node.meta:
+        return node.meta["vitqc_owner"]
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path = list(stack.values())[-1][0]
+        return path if isinstance(path, str) else ""
+    return ""
+
+
+def _matches(path: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(path, pattern) or path.startswith(pattern + ".") or fnmatch.fnmatchcase(
+        path, pattern + ".*")
+
+
+@dataclass
+class InsertQuantizersOptions:
+    weight_bits: float = 8
+    act_bits: float = 8
+    softmax_bits: float | None = None  # None: same as act_bits
+    weight_granularity: Literal["channel", "tensor"] = "channel"
+    weight_symmetric: bool = True
+    act_granularity: Literal["tensor", "token"] = "tensor"
+    act_symmetric: bool = False
+    linear: bool = True
+    conv: bool = True
+    attention_matmuls: bool = True
+    softmax: bool = True
+    keep: dict[str, float] = field(default_factory=dict)  # path/glob -> bits for weights and activations
+    skip: list[str] = field(default_factory=list)  # path/glob left in floating point
+
+
+@register_pass
+class InsertQuantizers(VitqcPass):
+    name = "insert_quantizers"
+    summary = "fake-quantize linear/conv weights and inputs, attention matmul inputs and softmax output"
+    Options = InsertQuantizersOptions
+    requires = ("canonical",)
+    ensures = ("quantized",)
+
+    def _bits_for(self, path: str, default: float) -> float | None:
+        if any(_matches(path, p) for p in self.options.skip):
+            return None
+        for pattern, bits in self.options.keep.items():
+            if _matches(path, pattern):
+                return bits
+        return default
+
+    def _act_quantizer(self, bits: float, granularity: str | None = None, symmetric: bool | None = None) -> UniformQuantizer:
+        o = self.options
+        return UniformQuantizer(bits=bits, symmetric=o.act_symmetric if symmetric is None else symmetric,
+                                granularity=granularity or o.act_granularity)
+
+    def call(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
+        o = self.options
+        layers: list[dict] = []
+        modified = False
+        for node in list(gm.graph.nodes):
+            if node.op == "call_module":
+                mod = gm.get_submodule(node.target)
+                path = str(node.target)
+                if isinstance(mod, nn.Linear) and o.linear:
+                    wrapped_cls = QuantLinear
+                elif isinstance(mod, nn.Conv2d) and o.conv:
+                    wrapped_cls = QuantConv2d
+                else:
+                    continue
+                bits = self._bits_for(path, o.weight_bits)
+                act_bits = self._bits_for(path, o.act_bits)
+                if bits is None:
+                    continue
+                # The patch-embedding conv sees the image: its input gets a per-tensor quantizer.
+                granularity = "tensor" if wrapped_cls is QuantConv2d else None
+                wq = UniformQuantizer(bits=bits, symmetric=o.weight_symmetric, granularity=o.weight_granularity,
+                                      ch_axis=0)
+                iq = None if act_bits is None else self._act_quantizer(act_bits, granularity)
+                _replace_submodule(gm, path, wrapped_cls(mod, wq, iq))
+                layers.append({"path": path, "kind": wrapped_cls.__name__, "weight_bits": bits, "act_bits": act_bits})
+                modified = True
+        for node in list(gm.graph.nodes):
+            if is_softmax(node) and o.softmax:
+                owner = owner_of(gm, node)
+                bits = self._bits_for(owner or "softmax", o.softmax_bits or o.act_bits)
+                if bits is None:
+                    continue
+                # Softmax outputs lie in [0, 1]: an unsigned (asymmetric) per-tensor grid fits them.
+                q = self._act_quantizer(bits, granularity="tensor" if o.act_granularity == "tensor" else "token",
+                                        symmetric=False)
+                _insert_after(gm, node, q, f"{owner + '.' if owner else ''}{node.name}_quantizer")
+                layers.append({"path": f"{owner}.{node.name}".strip("."), "kind": "softmax", "act_bits": bits})
+                modified = True
+        for node in list(gm.graph.nodes):
+            if is_activation_matmul(node) and o.attention_matmuls:
+                owner = owner_of(gm, node)
+                bits = self._bits_for(owner or node.name, o.act_bits)
+                if bits is None:
+                    continue
+                for side, arg in zip(("lhs", "rhs"), node.args[:2]):
+                    if not isinstance(arg, fx.Node) or _is_quantizer_node(gm, arg):
+                        continue
+                    q = self._act_quantizer(bits)
+                    _insert_before_use(gm, node, arg, q, f"{owner + '.' if owner else ''}{node.name}_{side}_quantizer")
+                layers.append({"path": f"{owner}.{node.name}".strip("."), "kind": "matmul", "act_bits": bits})
+                modified = True
+        if modified:
+            gm.graph.lint()
+            gm.recompile()
+        ctx.record[self.name] = {"layers": layers, "quantizers": len(quantizers(gm))}
+        return PassResult(gm, modified)
+
+
+def _is_quantizer_node(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), UniformQuantizer)
+
+
+def _replace_submodule(gm: fx.GraphModule, path: str, new: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = gm.get_submodule(parent_path) if parent_path else gm
+    setattr(parent, leaf, new)
+
+
+def _unique_path(gm: fx.GraphModule, path: str) -> str:
+    candidate, i = path, 1
+    while True:
+        try:
+            gm.get_submodule(candidate)
+        except AttributeError:
+            return candidate
+        candidate, i = f"{path}_{i}", i + 1
+
+
+def _insert_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, path: str) -> fx.Node:
+    path = _unique_path(gm, path)
+    gm.add_submodule(path, module)
+    with gm.graph.inserting_after(node):
+        qnode = gm.graph.call_module(path, (node,))
+    node.replace_all_uses_with(qnode, delete_user_cb=lambda user: user is not qnode)
+    qnode.meta["vitqc_owner"] = path.rpartition(".")[0]
+    return qnode
+
+
+def _insert_before_use(gm: fx.GraphModule, user: fx.Node, arg: fx.Node, module: nn.Module, path: str) -> fx.Node:
+    path = _unique_path(gm, path)
+    gm.add_submodule(path, module)
+    with gm.graph.inserting_before(user):
+        qnode = gm.graph.call_module(path, (arg,))
+    user.replace_input_with(arg, qnode)
+    qnode.meta["vitqc_owner"] = path.rpartition(".")[0]
+    return qnode
