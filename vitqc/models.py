@@ -56,7 +56,7 @@ def _first_line(e: BaseException) -> str:
 def _existing_file(path: str, what: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
-        raise VitqcError(f"{what} {path} does not exist")
+        raise VitqcError(f"{what} {path} does not exist; check the path (or use timm:NAME, file.py:factory, demo)")
     if not p.is_file():
         raise VitqcError(f"{what} {path} is not a file")
     return p

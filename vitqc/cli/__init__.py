@@ -1,0 +1,1 @@
+"""The ``vitqc`` command line (see ``vitqc --help``)."""
