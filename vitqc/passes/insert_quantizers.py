@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import fx, nn
 
+from vitqc.capture import owner_of
 from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_property, register_pass
 from vitqc.passes.properties import MATMUL_FUNCTIONS
 from vitqc.quant.modules import INT_LAYERS, QUANT_LAYERS, QuantConv2d, QuantLinear
@@ -47,17 +48,9 @@ def is_activation_matmul(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in MATMUL_FUNCTIONS
 
 
-def owner_of(gm: fx.GraphModule, node: fx.Node) -> str:
+def _owner(node: fx.Node) -> str:
     """Module path that owns ``node`` (``blocks.0.attn`` for its matmuls), '' for the top level."""
-    if node.op == "call_module":
-        return str(node.target).rpartition(".")[0]
-    if "vitqc_owner" in node.meta:
-        return node.meta["vitqc_owner"]
-    stack = node.meta.get("nn_module_stack") or {}
-    if stack:
-        path = list(stack.values())[-1][0]
-        return path if isinstance(path, str) else ""
-    return ""
+    return node.meta.get("vitqc_owner", owner_of(node))
 
 
 def _matches(path: str, pattern: str) -> bool:
@@ -126,12 +119,12 @@ class InsertQuantizers(VitqcPass):
                 wq = UniformQuantizer(bits=bits, symmetric=o.weight_symmetric, granularity=o.weight_granularity,
                                       ch_axis=0)
                 iq = None if act_bits is None else self._act_quantizer(act_bits, granularity)
-                _replace_submodule(gm, path, wrapped_cls(mod, wq, iq))
+                replace_submodule(gm, path, wrapped_cls(mod, wq, iq))
                 layers.append({"path": path, "kind": wrapped_cls.__name__, "weight_bits": bits, "act_bits": act_bits})
                 modified = True
         for node in list(gm.graph.nodes):
             if is_softmax(node) and o.softmax:
-                owner = owner_of(gm, node)
+                owner = _owner(node)
                 bits = self._bits_for(owner or "softmax", o.softmax_bits or o.act_bits)
                 if bits is None:
                     continue
@@ -143,7 +136,7 @@ class InsertQuantizers(VitqcPass):
                 modified = True
         for node in list(gm.graph.nodes):
             if is_activation_matmul(node) and o.attention_matmuls:
-                owner = owner_of(gm, node)
+                owner = _owner(node)
                 bits = self._bits_for(owner or node.name, o.act_bits)
                 if bits is None:
                     continue
@@ -165,7 +158,8 @@ def _is_quantizer_node(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), UniformQuantizer)
 
 
-def _replace_submodule(gm: fx.GraphModule, path: str, new: nn.Module) -> None:
+def replace_submodule(gm: fx.GraphModule, path: str, new: nn.Module) -> None:
+    """Put ``new`` at ``path`` (the graph's call_module nodes then call it)."""
     parent_path, _, leaf = path.rpartition(".")
     parent = gm.get_submodule(parent_path) if parent_path else gm
     setattr(parent, leaf, new)

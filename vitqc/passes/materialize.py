@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import fx
 
 from vitqc.passes.base import CompileContext, NoOptions, PassResult, VitqcPass, graph_property, register_pass
-from vitqc.passes.insert_quantizers import quantizers
+from vitqc.passes.insert_quantizers import quantizers, replace_submodule
 from vitqc.quant.modules import QUANT_LAYERS, IntConv2d, IntLinear, QuantLinear, freeze_quantizer
 
 
@@ -35,9 +35,7 @@ class Materialize(VitqcPass):
         count = 0
         for name, module in list(gm.named_modules()):
             if isinstance(module, QUANT_LAYERS):
-                parent_path, _, leaf = name.rpartition(".")
-                parent = gm.get_submodule(parent_path) if parent_path else gm
-                setattr(parent, leaf, (IntLinear if isinstance(module, QuantLinear) else IntConv2d)(module))
+                replace_submodule(gm, name, (IntLinear if isinstance(module, QuantLinear) else IntConv2d)(module))
                 count += 1
         for q in quantizers(gm).values():
             freeze_quantizer(q)
