@@ -58,11 +58,13 @@ def _toml_literal(value: Any) -> str:
 def compile(model: nn.Module, pipeline: str | Pipeline, calib: torch.Tensor | Sequence[torch.Tensor] | None = None,
             *, seed: int = 0, example: torch.Tensor | None = None, reference: nn.Module | None = None,
             dump_graphs: str | None = None, quiet: bool = False, set: Sequence[str] = (),
+            work_dir: str | None = None, resume: bool = False, device: str | torch.device = "cpu",
             **overrides: Any) -> fx.GraphModule:
     """Quantize ``model`` with ``pipeline`` (a built-in name, a TOML path, a one-line text or a Pipeline).
 
     ``calib`` holds preprocessed calibration images (a tensor or a list of batches). Pass options are
-    overridden by keyword (``calibrate__method="mse"``) or by ``set=["calibrate.method=mse"]``. Returns the
+    overridden by keyword (``calibrate__method="mse"``) or by ``set=["calibrate.method=mse"]``. Long passes
+    checkpoint into ``work_dir`` and, with ``resume``, continue from there. Returns the
     quantized ``GraphModule``; ``gm.meta["vitqc"]`` holds the resolved pipeline, what each pass recorded and
     the per-pass statistics.
     """
@@ -80,7 +82,8 @@ def compile(model: nn.Module, pipeline: str | Pipeline, calib: torch.Tensor | Se
     gm = model if isinstance(model, fx.GraphModule) else capture(model, example)
     if reference is None:
         reference = copy.deepcopy(gm)
-    ctx = CompileContext(calib=batches, reference=reference, seed=seed, quiet=quiet)
+    ctx = CompileContext(calib=batches, reference=reference, seed=seed, quiet=quiet, work_dir=work_dir,
+                         resume=resume, device=torch.device(device))
     manager = PassManager(passes, dump_dir=dump_graphs)
     gm = manager(gm, ctx).graph_module
     gm.meta["vitqc"] = {"pipeline": pipe.to_dict(), "record": ctx.record,

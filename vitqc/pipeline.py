@@ -60,16 +60,17 @@ class Pipeline:
 
     @classmethod
     def parse(cls, text: str, name: str = "custom") -> "Pipeline":
-        """``"a,b{x=1,y=true},c"`` -> Pipeline (MLIR-style one-line pipeline)."""
+        """``"a,b{x=1,keep={head=8}},c"`` -> Pipeline (MLIR-style one-line pipeline; values are TOML)."""
         steps = []
-        for match in re.finditer(r"\s*([A-Za-z_][\w]*)\s*(\{([^}]*)\})?\s*(,|$)", text.strip()):
-            if not match.group(1):
-                continue
+        for item in _split_top_level(text, ","):
+            match = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*(?:\{(.*)\})?\s*", item, re.S)
+            if not match:
+                raise VitqcError(f"pipeline text {text!r}: cannot read {item.strip()!r}; write pass{{option=value,...}}")
             opts = {}
-            for item in filter(None, (s.strip() for s in (match.group(3) or "").split(","))):
-                if "=" not in item:
-                    raise VitqcError(f"pipeline option {item!r} in {text!r} needs the form option=value")
-                key, value = item.split("=", 1)
+            for option in _split_top_level(match.group(2) or "", ","):
+                key, sep, value = option.partition("=")
+                if not sep:
+                    raise VitqcError(f"pipeline option {option.strip()!r} in {text!r} needs the form option=value")
                 opts[key.strip()] = _parse_literal(value.strip())
             steps.append(PassStep(match.group(1), opts))
         if not steps:
@@ -132,6 +133,27 @@ class Pipeline:
     def __str__(self) -> str:
         return ",".join(s.name + ("{" + ",".join(f"{k}={v}" for k, v in s.options.items()) + "}" if s.options else "")
                         for s in self.steps)
+
+
+def _split_top_level(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside brackets, braces and quotes."""
+    parts, depth, quote, current = [], 0, "", []
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "{[(":
+            depth += 1
+        elif ch in "}])":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    return [p for p in parts if p.strip()]
 
 
 def _builtin_dir() -> Path:

@@ -50,7 +50,8 @@ class CompileContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     record: dict[str, Any] = field(default_factory=dict)
-    work_dir: str | None = None  # where long passes keep checkpoints (resume)
+    work_dir: str | None = None  # where long passes keep checkpoints
+    resume: bool = False  # continue from the checkpoints in work_dir instead of starting over
     quiet: bool = False
 
     def calib_batches(self, batch_size: int | None = None) -> list[torch.Tensor]:

@@ -50,7 +50,7 @@ class Calibrate(VitqcPass):
             for layer in (m for m in gm.modules() if isinstance(m, QUANT_LAYERS)):
                 q = layer.weight_quantizer
                 q.init_method, q.percentile = o.weight_method, o.percentile
-                q.init_from_tensor(layer.effective_weight())
+                q.init_from_tensor(layer.effective_weight())  # refinement offsets start at 0
         act_qs = [q for q in quantizers(gm).values() if id(q) not in weight_qs]
         for q in act_qs:
             q.init_method, q.percentile = o.method, o.percentile

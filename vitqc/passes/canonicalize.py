@@ -4,7 +4,10 @@ attention ops of non-fused models to the same forms those passes emit:
 
 * ``nn.Softmax`` modules, ``F.softmax`` / ``torch.softmax`` calls and ``x.softmax(d)`` -> call_method
   ``softmax`` with args ``(x,)`` and kwargs ``{"dim": d}`` (plus ``dtype`` when one was given);
-* ``torch.matmul``, ``torch.bmm`` and ``x.matmul(y)`` -> call_function ``operator.matmul``.
+* ``torch.matmul``, ``torch.bmm`` and ``x.matmul(y)`` -> call_function ``operator.matmul``;
+* ``F.layer_norm(x, shape, <path>.weight, <path>.bias, eps)`` (what subclasses of nn.LayerNorm such as timm's
+  trace to) -> a call of an ``nn.LayerNorm`` module at ``<path>`` sharing those parameters, so passes that
+  rescale or fold norms find them as modules.
 
 After it, attention is ``operator.matmul`` -> call_method ``softmax`` -> ``operator.matmul`` everywhere.
 """
@@ -57,10 +60,46 @@ def _softmax_args(node: fx.Node, gm: fx.GraphModule) -> tuple[Any, Any, Any] | N
     return None
 
 
+def _layer_norm_as_module(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """Replace a functional layer_norm over get_attr weight/bias of one module by a call of that module."""
+    if node.op != "call_function" or node.target not in (F.layer_norm, torch.layer_norm):
+        return None
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    bound = dict(zip(names, node.args))
+    bound.update(node.kwargs)
+    weight, bias, shape = bound.get("weight"), bound.get("bias"), bound.get("normalized_shape")
+    if not all(isinstance(n, fx.Node) and n.op == "get_attr" for n in (weight, bias)):
+        return None
+    path, _, wname = str(weight.target).rpartition(".")
+    bpath, _, bname = str(bias.target).rpartition(".")
+    if (path, wname, bname) != (bpath, "weight", "bias") or not path:
+        return None
+    if not isinstance(shape, (tuple, list)) or not all(isinstance(d, int) for d in shape):
+        return None
+    holder = gm.get_submodule(path)
+    if isinstance(holder, nn.LayerNorm):
+        norm = holder
+    else:
+        norm = nn.LayerNorm(tuple(shape), eps=float(bound.get("eps", 1e-5)))
+        norm.weight, norm.bias = holder.weight, holder.bias
+        parent_path, _, leaf = path.rpartition(".")
+        setattr(gm.get_submodule(parent_path) if parent_path else gm, leaf, norm)
+    with gm.graph.inserting_before(node):
+        return gm.graph.call_module(path, (bound["input"],))
+
+
 def normalize_ops(gm: fx.GraphModule) -> bool:
-    """Rewrite softmax / matmul variants to the canonical forms. True if anything changed."""
+    """Rewrite softmax / matmul / layer_norm variants to the canonical forms. True if anything changed."""
     changed = False
     for node in list(gm.graph.nodes):
+        new = _layer_norm_as_module(gm, node)
+        if new is not None:
+            new.meta = dict(node.meta)
+            new.meta["vitqc_owner"] = str(new.target).rpartition(".")[0]
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            changed = True
+            continue
         parsed = _softmax_args(node, gm)
         if parsed is not None:
             x, dim, dtype = parsed

@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+import vitqc
+from tests.conftest import tiny_vit
+from vitqc.demo import demo_calibration, demo_eval_batches, load_demo_model
+from vitqc.passes import joint_optimize as jo
+from vitqc.pipeline import Pipeline
+
+
+def joint_pipeline(iterations, **options):
+    return Pipeline.from_list([
+        "canonicalize", ("insert_quantizers", {"weight_bits": 4, "act_bits": 4}), "channel_rescale", "weight_refine",
+        ("calibrate", {"max_images": 32}), ("joint_optimize", {"iterations": iterations, "batch_size": 16, **options}),
+    ])
+
+
+def agreement(model, reference, batches):
+    agree = total = 0
+    with torch.no_grad():
+        for x, _ in batches:
+            agree += int((model(x).argmax(-1) == reference(x).argmax(-1)).sum())
+            total += len(x)
+    return agree / total
+
+
+def test_joint_w4a4_beats_minmax_w4a4_agreement_with_fp():
+    calib = demo_calibration(size=256, seed=0)
+    fp = load_demo_model()
+    test = list(demo_eval_batches())
+    minmax = vitqc.compile(load_demo_model(), "minmax-w4a4", calib, quiet=True)
+    joint = vitqc.compile(load_demo_model(), joint_pipeline(150, lr_quant=1e-2), calib, quiet=True)
+    record = joint.meta["vitqc"]["record"]["joint_optimize"]
+    assert record["final"]["loss"] < record["first_loss"]
+    assert record["feature_scopes"] == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    a_minmax, a_joint = agreement(minmax, fp, test), agreement(joint, fp, test)
+    assert a_joint > a_minmax, (a_joint, a_minmax)
+
+
+def trained_state(gm):
+    return {n: p.detach().clone() for n, p in gm.named_parameters() if p.requires_grad}
+
+
+def test_resume_continues_to_the_same_result(tmp_path, calib, monkeypatch):
+    pipe = joint_pipeline(12, checkpoint_every=4)
+    uninterrupted = trained_state(vitqc.compile(tiny_vit(), pipe, calib, quiet=True))
+
+    real_save = jo._RunState.save
+
+    def crash_after_second_checkpoint(self, path, gm, o):
+        real_save(self, path, gm, o)
+        if self.step == 8:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(jo._RunState, "save", crash_after_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        vitqc.compile(tiny_vit(), pipe, calib, quiet=True, work_dir=str(tmp_path))
+    monkeypatch.setattr(jo._RunState, "save", real_save)
+    resumed = vitqc.compile(tiny_vit(), pipe, calib, quiet=True, work_dir=str(tmp_path), resume=True)
+    assert resumed.meta["vitqc"]["record"]["joint_optimize"]["resumed_from"] == 8
+    state = trained_state(resumed)
+    assert state.keys() == uninterrupted.keys()
+    for name in state:
+        assert torch.equal(state[name], uninterrupted[name]), name
+
+
+def test_resume_refuses_a_checkpoint_made_with_other_options(tmp_path, calib):
+    vitqc.compile(tiny_vit(), joint_pipeline(4, checkpoint_every=2), calib, quiet=True, work_dir=str(tmp_path))
+    with pytest.raises(vitqc.VitqcError, match="other joint_optimize options"):
+        vitqc.compile(tiny_vit(), joint_pipeline(4, batch_size=8), calib, quiet=True, work_dir=str(tmp_path),
+                      resume=True)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, calib, monkeypatch):
+    real_augment = jo.augment
+    calls = {"n": 0}
+
+    def poisoned(x, gen):
+        calls["n"] += 1
+        out = real_augment(x, gen)
+        return out * float("nan") if calls["n"] > 5 else out
+
+    monkeypatch.setattr(jo, "augment", poisoned)
+    with pytest.raises(vitqc.VitqcError, match=r"loss became nan at step 5; the last good checkpoint is kept"):
+        vitqc.compile(tiny_vit(), joint_pipeline(10, checkpoint_every=4), calib, quiet=True, work_dir=str(tmp_path))
+    saved = torch.load(tmp_path / jo.CHECKPOINT_NAME, weights_only=True)
+    assert saved["step"] == 4 and all(torch.isfinite(v).all() for v in saved["params"].values())
+
+
+def test_blockwise_mode_trains_each_block_in_turn(calib):
+    gm = vitqc.compile(tiny_vit(), joint_pipeline(6, mode="blockwise"), calib, quiet=True)
+    record = gm.meta["vitqc"]["record"]["joint_optimize"]
+    assert record["mode"] == "blockwise" and record["feature_scopes"] == ["blocks.0", "blocks.1"]
+    stages = jo.JointOptimize({"mode": "blockwise"})._stages(
+        jo.trainable_groups(gm, jo.JointOptimizeOptions()), record["feature_scopes"])
+    assert [scope for _, scope in stages] == ["blocks.0", "blocks.1", None]  # then patch embed + head on logits
+
+
+def test_iterations_and_batch_size_are_overridable():
+    pipe = vitqc.load_pipeline("joint-w4a4").with_overrides(["joint_optimize.iterations=500",
+                                                             "joint_optimize.batch_size=8"])
+    step = next(s for s in pipe.instantiate() if s.name == "joint_optimize")
+    assert (step.options.iterations, step.options.batch_size) == (500, 8)

@@ -1,0 +1,29 @@
+import torch
+
+import vitqc
+from tests.conftest import tiny_vit
+from vitqc.pipeline import Pipeline
+from vitqc.quant.modules import QuantLinear
+
+
+def test_refinement_moves_weights_by_at_most_one_step_and_materialize_stores_what_was_used(calib):
+    pipe = Pipeline.from_list(["canonicalize", ("insert_quantizers", {"weight_bits": 4}), "weight_refine", "calibrate"])
+    fake = vitqc.compile(tiny_vit(), pipe, calib, quiet=True)
+    layers = [m for m in fake.modules() if isinstance(m, QuantLinear)]
+    assert all(m.refinement is not None and torch.count_nonzero(m.refinement) == 0 for m in layers)
+    torch.manual_seed(0)
+    for m in layers:  # as if training had moved them, some beyond the clamp
+        m.refinement.data.uniform_(-2, 2)
+    fc = fake.get_submodule("blocks.0.mlp.fc1")
+    step = fc.weight_quantizer.scale_tensor(ndim=2)
+    moved = (fc.refined_weight() - fc.effective_weight()).abs()
+    assert (moved <= step * (1 + 1e-6)).all() and (moved > 0.5 * step).any()
+    x = torch.cat(calib)
+    with torch.no_grad():
+        student = fake(x)
+    q = vitqc.compile(fake, "materialize", quiet=True, example=x[:1])
+    with torch.no_grad():
+        assert torch.equal(q(x), student)
+    codes = q.get_submodule("blocks.0.mlp.fc1").weight_codes
+    unrefined = fc.weight_quantizer.integer(fc.effective_weight().detach())
+    assert not torch.equal(codes, unrefined)  # the refinement changed the stored integers

@@ -1,0 +1,331 @@
+"""joint_optimize: optimize every quantization parameter of the whole model at once against the FP model.
+
+Teacher = the FP graph (``ctx.reference``), student = the quantized graph. No labels: the loss is
+KL(teacher || student) on logits plus a normalised MSE between the outputs of each block
+(``||s - t||^2 / ||t||^2`` per image), plus the weight-refinement penalty. Because all layers are trained
+together, an error one block cannot fix is compensated by the others (``mode = "blockwise"`` runs the same
+optimizer one block at a time with the same total budget, for comparison).
+
+Trained: quantizer steps (Adam learning rate relative to each step's initial size, since weight and
+activation steps differ by orders of magnitude), zero points, per-token clip ratios, channel_rescale
+factors (log space) and weight_refine offsets. FP weights, biases and norms stay fixed.
+
+Calibration images are augmented (random flip and shifted crop) so a few hundred images do not overfit.
+Checkpoints are written every ``checkpoint_every`` steps to the work directory; with resume the run
+continues from the last one and ends where an uninterrupted run would (same seed, CPU). A non-finite loss
+stops the run, keeping the last good checkpoint. bf16 autocast is used on CUDA (``amp``).
+Not implemented yet: activation checkpointing.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from vitqc.errors import VitqcError
+from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_property, register_pass
+from vitqc.passes.insert_quantizers import quantizers
+from vitqc.passes.weight_refine import refinement_penalty
+from vitqc.progress import progress_bar
+from vitqc.quant.modules import QUANT_LAYERS, ChannelFactors
+
+CHECKPOINT_NAME = "joint_optimize.ckpt"
+
+
+@graph_property("optimized")
+def is_optimized(gm: fx.GraphModule) -> bool:
+    """joint_optimize has run on this graph."""
+    return bool(getattr(gm, "_vitqc_joint_optimized", False))
+
+
+@dataclass
+class JointOptimizeOptions:
+    iterations: int = 2000
+    batch_size: int = 32
+    lr_quant: float = 1e-3  # relative to each step's initial magnitude
+    lr_zero_point: float = 1e-2  # in integer levels
+    lr_rescale: float = 1e-3  # on log factors
+    lr_refine: float = 1e-3  # refinement offsets, in steps
+    kl_weight: float = 1.0
+    feature_weight: float = 1.0
+    temperature: float = 1.0
+    features: list[str] = field(default_factory=lambda: ["blocks.*", "layers.*.blocks.*", "encoder.layers.*", "layers.*"])
+    augment: bool = True
+    mode: Literal["joint", "blockwise"] = "joint"
+    checkpoint_every: int = 200
+    amp: bool = True  # bf16 autocast on CUDA
+
+
+# ------------------------------------------------------------------------------------------- feature taps
+def _scopes(node: fx.Node) -> set[str]:
+    owner = node.meta.get("vitqc_owner")
+    paths = set()
+    if owner:
+        parts = owner.split(".")
+        paths.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+    for entry in (node.meta.get("nn_module_stack") or {}).values():
+        if isinstance(entry, tuple) and isinstance(entry[0], str) and entry[0]:
+            paths.add(entry[0])
+    return paths
+
+
+def feature_scopes(gm: fx.GraphModule, patterns: list[str]) -> list[str]:
+    """Module paths of the blocks to distil: the first pattern that matches any scope in the graph."""
+    all_scopes = set().union(*(_scopes(n) for n in gm.graph.nodes))
+    for pattern in patterns:
+        depth = pattern.count(".")
+        hits = [p for p in all_scopes if p.count(".") == depth and fnmatch.fnmatchcase(p, pattern)]
+        if hits:
+            return sorted(hits, key=lambda p: [int(x) if x.isdigit() else x for x in p.split(".")])
+    return []
+
+
+def with_feature_outputs(gm: fx.GraphModule, scopes: list[str]) -> fx.GraphModule:
+    """A GraphModule sharing ``gm``'s modules whose output is (original output, *last value of each scope)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    last: dict[str, fx.Node] = {}
+    output_node = None
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            output_node = node
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        if node.op in ("call_function", "call_method", "call_module"):
+            for scope in _scopes(node) & set(scopes):
+                last[scope] = env[node]
+    missing = [s for s in scopes if s not in last]
+    if missing:
+        raise VitqcError(f"joint_optimize: no graph node belongs to {missing[0]!r}; set joint_optimize.features")
+    original = fx.graph.map_arg(output_node.args[0], lambda n: env[n])
+    graph.output((original, *[last[s] for s in scopes]))
+    return fx.GraphModule(gm, graph)
+
+
+# ------------------------------------------------------------------------------------------- data
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip and a crop shifted by up to 1/8 of the size (reflect padding)."""
+    b, _, h, w = x.shape
+    flip = torch.rand(b, generator=gen) < 0.5
+    x = torch.where(flip.view(b, 1, 1, 1).to(x.device), x.flip(-1), x)
+    pad = max(1, h // 8)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).tolist()
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen).tolist()
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+
+
+# ------------------------------------------------------------------------------------------- parameters
+def trainable_groups(gm: nn.Module, o: JointOptimizeOptions) -> list[dict]:
+    """Adam parameter groups; every group carries ``names`` (for checkpoints and block-wise staging)."""
+    groups: list[dict] = []
+    names = {id(p): n for n, p in gm.named_parameters(remove_duplicate=True)}
+    seen: set[int] = set()
+
+    def add(p: nn.Parameter | None, lr: float) -> None:
+        if p is None or not isinstance(p, nn.Parameter) or id(p) in seen or id(p) not in names:
+            return
+        seen.add(id(p))
+        groups.append({"params": [p], "lr": lr, "names": [names[id(p)]]})
+
+    for q in quantizers(gm).values():
+        scale = getattr(q, "scale", None)
+        if isinstance(scale, nn.Parameter):
+            add(scale, o.lr_quant * float(scale.detach().abs().mean().clamp_min(1e-8)))
+        zp = getattr(q, "zero_point", None)
+        if isinstance(zp, nn.Parameter):
+            add(zp, o.lr_zero_point)
+        clip = getattr(q, "clip_ratio", None)
+        if isinstance(clip, nn.Parameter):
+            add(clip, o.lr_quant)
+    for m in gm.modules():
+        if isinstance(m, ChannelFactors):
+            add(m.log_factors, o.lr_rescale)
+        if isinstance(m, QUANT_LAYERS) and m.refinement is not None:
+            add(m.refinement, o.lr_refine)
+    return groups
+
+
+# ------------------------------------------------------------------------------------------- the pass
+@register_pass
+class JointOptimize(VitqcPass):
+    name = "joint_optimize"
+    summary = "optimize all quantizer steps, rescaling factors and refinements at once by distilling the FP model"
+    Options = JointOptimizeOptions
+    requires = ("calibrated",)
+    ensures = ("optimized",)
+
+    def call(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
+        o = self.options
+        if ctx.reference is None:
+            raise VitqcError("joint_optimize needs the FP reference model (vitqc.compile provides it)")
+        device = ctx.device
+        images = torch.cat(ctx.calib_batches()).to(device)
+        scopes = feature_scopes(ctx.reference, o.features) if o.feature_weight > 0 else []
+        teacher = with_feature_outputs(ctx.reference, scopes).to(device).eval()
+        student = with_feature_outputs(gm, scopes).to(device)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        groups = trainable_groups(gm, o)
+        trainable = {id(p) for g in groups for p in g["params"]}
+        for p in gm.parameters():
+            if id(p) not in trainable:
+                p.requires_grad_(False)
+        if not groups:
+            raise VitqcError("joint_optimize found nothing to train: run insert_quantizers and calibrate first")
+        stages = self._stages(groups, scopes)
+        refine_weight = self._refine_weight(ctx)
+        ckpt = Path(ctx.work_dir) / CHECKPOINT_NAME if ctx.work_dir else None
+        state = _RunState.start(groups, o, ctx.seed)
+        if ctx.resume and ckpt is not None and ckpt.exists():
+            state.load(ckpt, gm, o)
+        started, first_loss, last = time.perf_counter(), None, {}
+        amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=o.amp and device.type == "cuda")
+        student.train()
+        with progress_bar(self.name, total=o.iterations, unit="it", completed=state.step, quiet=ctx.quiet) as bar:
+            while state.step < o.iterations:
+                stage_index = min(state.step * len(stages) // o.iterations, len(stages) - 1)
+                stage_groups, stage_scope = stages[stage_index]
+                idx = torch.randint(0, len(images), (o.batch_size,), generator=state.gen)
+                x = images[idx.to(images.device)]
+                if o.augment:
+                    x = augment(x, state.gen)
+                with torch.no_grad(), amp:
+                    t_out, *t_feats = teacher(x)
+                with amp:
+                    s_out, *s_feats = student(x)
+                    loss, parts = self._loss(t_out, s_out, t_feats, s_feats, scopes, stage_scope, gm, refine_weight)
+                if not torch.isfinite(loss):
+                    where = f"; the last good checkpoint is kept at {ckpt}" if ckpt else ""
+                    raise VitqcError(f"joint_optimize: the loss became {loss.item()} at step {state.step}{where}; "
+                                     f"lower the learning rates (e.g. --set joint_optimize.lr_quant=1e-4)")
+                state.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                for i, g in enumerate(state.optimizer.param_groups):  # other stages' parameters stay put
+                    if i not in stage_groups:
+                        for p in g["params"]:
+                            p.grad = None
+                state.optimizer.step()
+                state.scheduler.step()
+                state.step += 1
+                first_loss = first_loss if first_loss is not None else float(loss.detach())
+                last = {k: float(v.detach()) for k, v in parts.items()}
+                bar.advance(1)
+                bar.update(loss=float(loss.detach()), **{k: v for k, v in last.items() if k != "loss"})
+                if ckpt is not None and (state.step % o.checkpoint_every == 0 or state.step == o.iterations):
+                    state.save(ckpt, gm, o)
+        student.eval()
+        gm._vitqc_joint_optimized = True
+        seconds = time.perf_counter() - started
+        ctx.record[self.name] = {"iterations": o.iterations, "batch_size": o.batch_size, "mode": o.mode,
+                                 "feature_scopes": scopes, "trainable_tensors": len(groups),
+                                 "first_loss": first_loss, "final": last, "seconds": round(seconds, 2),
+                                 "resumed_from": state.resumed_from, "device": str(device)}
+        return PassResult(gm, True)
+
+    def _stages(self, groups: list[dict], scopes: list[str]) -> list[tuple[set[int], str | None]]:
+        """joint: one stage over everything. blockwise: one stage per block (its own parameters, its own
+        feature loss), then one for what lies outside the blocks (patch embedding, head) on the logits."""
+        if self.options.mode == "joint" or not scopes:
+            return [(set(range(len(groups))), None)]
+        stages = []
+        claimed: set[int] = set()
+        for scope in scopes:
+            mine = {i for i, g in enumerate(groups) if g["names"][0].startswith(scope + ".")}
+            claimed |= mine
+            if mine:
+                stages.append((mine, scope))
+        rest = set(range(len(groups))) - claimed
+        if rest:
+            stages.append((rest, None))
+        return stages
+
+    def _refine_weight(self, ctx: CompileContext) -> float:
+        info = ctx.record.get("weight_refine")
+        return float(info["regularization"]) if info else 0.0
+
+    def _loss(self, t_out, s_out, t_feats, s_feats, scopes, stage_scope, gm, refine_weight):
+        o = self.options
+        parts: dict[str, torch.Tensor] = {}
+        if stage_scope is None:
+            temp = o.temperature
+            parts["kl"] = F.kl_div(F.log_softmax(s_out.float() / temp, -1), F.log_softmax(t_out.float() / temp, -1),
+                                   reduction="batchmean", log_target=True) * temp * temp
+        pairs = list(zip(scopes, t_feats, s_feats))
+        if stage_scope is not None:
+            pairs = [p for p in pairs if p[0] == stage_scope]
+        if pairs and o.feature_weight > 0:
+            terms = []
+            for _, t, s in pairs:
+                t, s = t.float().flatten(1), s.float().flatten(1)
+                terms.append(((s - t).pow(2).sum(1) / t.pow(2).sum(1).clamp_min(1e-8)).mean())
+            parts["feat"] = torch.stack(terms).mean()
+        loss = o.kl_weight * parts.get("kl", 0.0) + o.feature_weight * parts.get("feat", 0.0)
+        penalty = refinement_penalty(gm) if refine_weight > 0 else None
+        if penalty is not None:
+            parts["refine"] = penalty
+            loss = loss + refine_weight * penalty
+        parts["loss"] = loss
+        return loss, parts
+
+
+@dataclass
+class _RunState:
+    """Everything a resumed run needs to continue exactly: step, optimizer, schedule and the data RNG."""
+
+    step: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    gen: torch.Generator
+    names: list[str]
+    resumed_from: int | None = None
+
+    @classmethod
+    def start(cls, groups: list[dict], o: JointOptimizeOptions, seed: int) -> "_RunState":
+        optimizer = torch.optim.Adam([{k: v for k, v in g.items() if k != "names"} for g in groups])
+        total = max(1, o.iterations)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        gen = torch.Generator().manual_seed(seed)
+        return cls(0, optimizer, scheduler, gen, [g["names"][0] for g in groups])
+
+    def save(self, path: Path, gm: nn.Module, o: JointOptimizeOptions) -> None:
+        params = dict(gm.named_parameters(remove_duplicate=True))
+        payload = {"step": self.step, "options": dataclasses.asdict(o),
+                   "params": {n: params[n].detach().cpu().clone() for n in self.names},
+                   "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                   "generator": self.gen.get_state()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+
+    def load(self, path: Path, gm: nn.Module, o: JointOptimizeOptions) -> None:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise VitqcError(f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it to start over") from None
+        mine, theirs = dataclasses.asdict(o), payload.get("options", {})
+        changed = sorted(k for k in mine if k not in ("checkpoint_every",) and mine[k] != theirs.get(k))
+        if changed:
+            raise VitqcError(f"checkpoint {path} was made with other joint_optimize options ({changed[0]}); "
+                             f"use the same options to resume, or delete it to start over")
+        params = dict(gm.named_parameters(remove_duplicate=True))
+        if sorted(payload["params"]) != sorted(self.names):
+            raise VitqcError(f"checkpoint {path} does not match this graph's parameters; delete it to start over")
+        with torch.no_grad():
+            for name, value in payload["params"].items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.gen.set_state(payload["generator"])
+        self.step = self.resumed_from = int(payload["step"])

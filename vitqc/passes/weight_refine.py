@@ -1,0 +1,56 @@
+"""weight_refine: a learnable refinement of every quantized weight, trained by joint_optimize.
+
+Choice: an additive offset in units of the quantizer step, w' = w + step * clamp(delta, -1, 1), rather than
+learned rounding (AdaRound). Learned rounding chooses between floor(w/s) and ceil(w/s), which is only
+well defined while the step s is fixed; here the steps are learned jointly, so the rounding grid moves
+under the rounding variables. A bounded offset has the same reach (any weight can move to either
+neighbouring level, one more than AdaRound), needs no annealed regulariser or temperature schedule, and
+whatever the student used at the last step is exactly what ``materialize`` stores (the codes are computed
+from the same refined weight). ``regularization`` (applied by joint_optimize) keeps offsets small.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_property, register_pass
+from vitqc.quant.modules import QUANT_LAYERS
+
+
+@graph_property("refinable")
+def has_refinement(gm: fx.GraphModule) -> bool:
+    """Every fake-quant layer carries a weight refinement offset."""
+    layers = [m for m in gm.modules() if isinstance(m, QUANT_LAYERS)]
+    return bool(layers) and all(m.refinement is not None for m in layers)
+
+
+@dataclass
+class WeightRefineOptions:
+    regularization: float = 1e-4  # weight of mean(delta^2) in joint_optimize's loss
+
+
+@register_pass
+class WeightRefine(VitqcPass):
+    name = "weight_refine"
+    summary = "attach a learnable, step-bounded offset to every quantized weight (trained by joint_optimize)"
+    Options = WeightRefineOptions
+    requires = ("quantized",)
+    ensures = ("refinable",)
+
+    def call(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
+        count = 0
+        for module in gm.modules():
+            if isinstance(module, QUANT_LAYERS) and module.refinement is None:
+                module.refinement = nn.Parameter(torch.zeros_like(module.weight))
+                count += 1
+        ctx.record[self.name] = {"refined_layers": count, "regularization": self.options.regularization}
+        return PassResult(gm, count > 0)
+
+
+def refinement_penalty(gm: nn.Module) -> torch.Tensor | None:
+    """mean(delta^2) over every refinement offset (None when there are none)."""
+    terms = [m.refinement.pow(2).mean() for m in gm.modules()
+             if isinstance(m, QUANT_LAYERS) and m.refinement is not None]
+    return torch.stack(terms).mean() if terms else None
