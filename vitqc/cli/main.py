@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -78,17 +79,27 @@ def _model_and_preprocess(model: str, model_kwargs: str | None, checkpoint: Path
     return loaded.module, loaded.source, pre
 
 
-def _calibration(spec: str, preprocess, size: int | None, seed: int):
+def _calibration(spec: str, preprocess, size: int | None, seed: int, module=None,
+                 class_names: Path | None = None, diffusion: str | None = None):
+    """Calibration batches and their record: images:DIR (a vitqc generate cache too), demo, or a generated
+    source (noise, inversion, prompts, learned-prompts: 256 images unless --calib-size) made with ``module``."""
     from vitqc.data import load_calibration, parse_calib_spec
 
     kind, value = parse_calib_spec(spec)
     if kind == "images":
-        return load_calibration(value, preprocess, size=size, seed=seed), {"source": "images", "dir": str(value)}
+        from vitqc.calib.cache import describe_cache
+
+        info = {"source": "images", "dir": str(value), **(describe_cache(value) or {})}
+        return load_calibration(value, preprocess, size=size, seed=seed), info
     if kind == "demo":
         from vitqc import demo
 
         return demo.demo_calibration(size=size, seed=seed), {"source": "demo", "split": "train"}
-    raise VitqcError(f"calibration source {kind!r} is not available in this version of vitqc; use images:DIR")
+    if module is None:
+        raise VitqcError(f"calibration source {kind!r} needs the FP model")
+    from vitqc.calib.spec import synthesize
+
+    return synthesize(kind, value, module, preprocess, size, seed, class_names=class_names, diffusion=diffusion)
 
 
 def _eval_batches(model_name: str, eval_data: Path | None, preprocess, limit: int | None):
@@ -133,7 +144,7 @@ def _layer_table(layers: list[dict], sqnr: dict[str, float | None], title: str) 
 def compile(
     model: Annotated[str, typer.Argument(help="demo | timm:NAME | model.pt | program.pt2 | file.py:factory")],
     pipeline: Annotated[str, typer.Option("--pipeline", "-p", help="built-in name (vitqc pipelines) or TOML path")],
-    calib: Annotated[Optional[str], typer.Option("--calib", help="images:DIR (the demo model defaults to its own train split)")] = None,
+    calib: Annotated[Optional[str], typer.Option("--calib", help="images:DIR, or a data-free source: inversion, noise, prompts, learned-prompts[:FILE] (the demo model defaults to its own train split)")] = None,
     calib_size: Annotated[Optional[int], typer.Option("--calib-size", help="number of calibration images (default: all)")] = None,
     out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="artifact path (default: <model>-<pipeline>.vitqc)")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -141,6 +152,8 @@ def compile(
     dump_graphs: Annotated[Optional[Path], typer.Option("--dump-graphs", help="write each pass's graph to DIR")] = None,
     eval_data: Annotated[Optional[Path], typer.Option("--eval-data", help="ImageFolder to report FP vs quantized top-1 on")] = None,
     eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", help="evaluate on N images spread over classes")] = None,
+    class_names: Annotated[Optional[Path], typer.Option("--class-names", help="class names, one per line (for --calib prompts / learned-prompts)")] = None,
+    diffusion: Annotated[Optional[str], typer.Option("--diffusion", help="SD-Turbo hub id or local diffusers folder (default stabilityai/sd-turbo)")] = None,
     model_kwargs: ModelKwargs = None, checkpoint: Checkpoint = None, pretrained: Pretrained = False,
     img_size: ImgSize = None, mean: Mean = None, std: Std = None, interpolation: Interp = "bicubic",
     crop_pct: CropPct = 1.0, channels: Channels = 3,
@@ -163,14 +176,23 @@ def compile(
                                                 interpolation, crop_pct, channels)
     if calib is None:
         if model != "demo":
-            raise VitqcError("--calib is required: give images:DIR with calibration images (no labels needed)")
+            raise VitqcError("--calib is required: give images:DIR with calibration images (no labels needed), "
+                             "or generate them without data: --calib inversion")
         calib = "demo"
-    batches, calib_info = _calibration(calib, pre, calib_size, seed)
+    batches, calib_info = _calibration(calib, pre, calib_size, seed, module, class_names, diffusion)
     example = batches[0][:1]
     graph = capture(module, example)
     reference = copy.deepcopy(graph)  # compile() rewrites the graph it is given in place
+    work = work_dir or target.with_name(target.name + ".work")
+    if resume and not work.is_dir():
+        raise VitqcError(f"--resume: no work directory {str(work)!r}; pass the --work-dir of the interrupted run")
+    run_device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if run_device.startswith("cuda") and not torch.cuda.is_available():
+        raise VitqcError("--device cuda: no CUDA device is available here; use --device cpu")
     quantized = compiler.compile(graph, pipe, batches, seed=seed, example=example, reference=reference,
-                                 dump_graphs=str(dump_graphs) if dump_graphs else None)
+                                 dump_graphs=str(dump_graphs) if dump_graphs else None, work_dir=str(work),
+                                 resume=resume, device=run_device)
+    quantized, reference = quantized.cpu(), reference.cpu()
     err.print("[bold cyan]export[/] quantized and reference programs (torch.export)")
     q_program, ref_program = export_program(quantized, example), export_program(reference, example)
     record = quantized.meta["vitqc"]["record"]
@@ -193,6 +215,7 @@ def compile(
         "compile_seconds": round(time.time() - started, 1),
     }
     path = save_artifact(target, q_program, ref_program, manifest)
+    shutil.rmtree(work, ignore_errors=True)  # checkpoints are only for resuming an unfinished compile
     out.print(_layer_table(layers, summary["calibration"]["sqnr_db"], "per-layer SQNR on the calibration images"))
     out.print(f"agreement with FP on calibration images: {on_calib.agreement:.2%}")
     if "eval" in summary:
@@ -266,6 +289,9 @@ def passes() -> None:
 
     for name, cls in registered_passes().items():
         out.print(f"[bold]{name:<20}[/] {cls.summary}", highlight=False)
+
+
+from vitqc.cli import generate as _generate  # noqa: E402,F401  (registers vitqc generate)
 
 
 def main(argv: list[str] | None = None) -> int:
