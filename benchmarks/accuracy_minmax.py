@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--models", default="vit_tiny_cifar10,vit_tiny_mnist,vits14_cifar10")
     ap.add_argument("--limit", type=int, default=None, help="evaluate on N test images (default: all)")
     ap.add_argument("--calib-size", type=int, default=None, help="calibration images (default: all 1,000)")
+    ap.add_argument("--result", default="accuracy_minmax", help="name of the JSON file in benchmarks/results")
     args = ap.parse_args()
     require_shared()
     import vitqc
@@ -77,7 +78,7 @@ def main() -> None:
             row["seconds"][label] = {"compile": round(tc.seconds, 1), "eval": round(te.seconds, 1)}
             print(f"{name}: {label} {row[label]:.4f} ({tc.seconds:.0f}s + {te.seconds:.0f}s)", flush=True)
         rows.append(row)
-        write_result("accuracy_minmax", {"rows": rows, "limit": args.limit})
+        write_result(args.result, {"rows": rows, "limit": args.limit})
     cols = ["fp32", *PIPELINES, "pt2e-xnnpack-w8a8", "pt2e-xnnpack-w8a8-linear-only"]
     print("\n| model | images | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
