@@ -8,6 +8,7 @@ from vitqc.pipeline import Pipeline, builtin_pipelines, load_pipeline
 def test_builtin_pipelines_load_and_every_step_is_a_registered_pass():
     pipes = builtin_pipelines()
     assert {"minmax-w8a8", "minmax-w6a6", "minmax-w4a8", "minmax-w4a4"} <= set(pipes)
+    assert {f"joint-{b}" for b in ("w8a8", "w6a6", "w4a8", "w4a4", "w3a3", "w1.58a8")} <= set(pipes)
     for pipe in pipes.values():
         assert pipe.description
         pipe.validate()  # raises on unknown passes/options
@@ -63,3 +64,8 @@ def test_unknown_pipeline_and_bad_files(tmp_path):
     empty.write_text('name = "x"\n')
     with pytest.raises(VitqcError, match="no \\[\\[passes\\]\\]"):
         load_pipeline(str(empty))
+
+
+def test_long_one_line_pipeline_is_not_mistaken_for_a_path():
+    text = ",".join(["canonicalize"] + [f"insert_quantizers{{weight_bits=4,act_bits=4,keep={{head{i}=8}}}}" for i in range(30)])
+    assert len(load_pipeline(text).steps) == 31

@@ -176,7 +176,11 @@ def load_pipeline(spec: str | Path | Pipeline) -> Pipeline:
     if text in builtins:
         return builtins[text]
     path = Path(text)
-    if text.endswith(".toml") or path.exists():
+    try:
+        is_file_like = text.endswith(".toml") or path.exists()
+    except OSError:  # a one-line pipeline longer than a file name can be
+        is_file_like = False
+    if is_file_like:
         if not path.is_file():
             raise VitqcError(f"pipeline file {text!r} not found; give a built-in name ({', '.join(builtins)}) or a TOML path")
         try:
