@@ -114,3 +114,29 @@ def test_console_script_runs_as_installed(tmp_path):
     assert result.returncode == 0 and "minmax-w8a8" in result.stdout
     bad = subprocess.run([str(exe), "compile", "demo", "--pipeline", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_interrupted_compile_resumes_from_its_work_dir(tmp_path, capsys, monkeypatch):
+    from vitqc.passes import joint_optimize as jo
+
+    args = ["compile", "demo", "--pipeline", "joint-w4a8", "--out", tmp_path / "j.vitqc", "--calib-size", "64",
+            "--set", "joint_optimize.iterations=6", "--set", "joint_optimize.checkpoint_every=2",
+            "--set", "joint_optimize.batch_size=8", "--device", "cpu"]
+    real_save = jo._RunState.save
+
+    def crash(self, path, gm, o):
+        real_save(self, path, gm, o)
+        if self.step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(jo._RunState, "save", crash)
+    assert run(args, capsys)[0] == 130
+    assert not (tmp_path / "j.vitqc").exists() and (tmp_path / "j.vitqc.work" / jo.CHECKPOINT_NAME).exists()
+    monkeypatch.setattr(jo._RunState, "save", real_save)
+    code, out, err = run(args + ["--resume"], capsys)
+    assert code == 0, err
+    record = load_artifact(tmp_path / "j.vitqc").manifest["record"]["joint_optimize"]
+    assert record["resumed_from"] == 4 and record["iterations"] == 6
+    assert not (tmp_path / "j.vitqc.work").exists()  # checkpoints are removed once the artifact is written
+    code, _, err = run(["compile", "demo", "--pipeline", "joint-w4a8", "--out", tmp_path / "k.vitqc", "--resume"], capsys)
+    assert code == 2 and "no work directory" in err

@@ -144,7 +144,7 @@ def _layer_table(layers: list[dict], sqnr: dict[str, float | None], title: str) 
 def compile(
     model: Annotated[str, typer.Argument(help="demo | timm:NAME | model.pt | program.pt2 | file.py:factory")],
     pipeline: Annotated[str, typer.Option("--pipeline", "-p", help="built-in name (vitqc pipelines) or TOML path")],
-    calib: Annotated[Optional[str], typer.Option("--calib", help="images:DIR, or a data-free source: inversion, noise, prompts, learned-prompts[:FILE] (the demo model defaults to its own train split)")] = None,
+    calib: Annotated[Optional[str], typer.Option("--calib", help="images:DIR (a vitqc generate cache too), or a data-free source: inversion, noise, prompts, learned-prompts[:FILE] (256 images unless --calib-size; KIND:key=value,... sets options); the demo model defaults to its own train split")] = None,
     calib_size: Annotated[Optional[int], typer.Option("--calib-size", help="number of calibration images (default: all)")] = None,
     out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="artifact path (default: <model>-<pipeline>.vitqc)")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -154,6 +154,9 @@ def compile(
     eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", help="evaluate on N images spread over classes")] = None,
     class_names: Annotated[Optional[Path], typer.Option("--class-names", help="class names, one per line (for --calib prompts / learned-prompts)")] = None,
     diffusion: Annotated[Optional[str], typer.Option("--diffusion", help="SD-Turbo hub id or local diffusers folder (default stabilityai/sd-turbo)")] = None,
+    work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="checkpoints of long passes (default: <out>.work)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the checkpoints in --work-dir")] = False,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, or auto (cuda when available)")] = "auto",
     model_kwargs: ModelKwargs = None, checkpoint: Checkpoint = None, pretrained: Pretrained = False,
     img_size: ImgSize = None, mean: Mean = None, std: Std = None, interpolation: Interp = "bicubic",
     crop_pct: CropPct = 1.0, channels: Channels = 3,
@@ -292,11 +295,16 @@ def passes() -> None:
 
 
 from vitqc.cli import generate as _generate  # noqa: E402,F401  (registers vitqc generate)
+from vitqc.cli import export as _export  # noqa: E402,F401  (registers `vitqc export`)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
+        # without standalone mode typer returns the exit code of typer.Exit and of Ctrl-C (130)
+        code = app(args=argv, standalone_mode=False)
+        if code == 130:
+            err.print("interrupted; no artifact was written (continue with --resume where the pass checkpoints)")
+        return code if isinstance(code, int) else 0
     except VitqcError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
