@@ -18,6 +18,7 @@ import torch
 from common import Timer, decode_eval_set, load_reference_model, require_shared, top1, write_result
 
 PIPELINES = ("minmax-w8a8", "minmax-w4a4")
+PT2E = ("pt2e-xnnpack-w8a8", "pt2e-xnnpack-w8a8-linear-only")
 
 
 def pt2e_xnnpack(module, calib, linear_only: bool):
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="evaluate on N test images (default: all)")
     ap.add_argument("--calib-size", type=int, default=None, help="calibration images (default: all 1,000)")
     ap.add_argument("--result", default="accuracy_minmax", help="name of the JSON file in benchmarks/results")
+    ap.add_argument("--methods", default="all", help="comma-separated subset of: " + ",".join(PIPELINES + PT2E))
     args = ap.parse_args()
     require_shared()
     import vitqc
@@ -63,14 +65,15 @@ def main() -> None:
         row = {"model": name, "images": n, "calib_images": sum(len(b) for b in calib), "fp32": fp,
                "card_fp32": card["fp32_top1"], "seconds": {"fp32": round(t.seconds, 1)}}
         print(f"{name}: FP32 {fp:.4f} on {n} images ({t.seconds:.0f}s)", flush=True)
-        for pipeline in PIPELINES:
+        wanted = set(PIPELINES + PT2E) if args.methods == "all" else set(args.methods.split(","))
+        for pipeline in (p for p in PIPELINES if p in wanted):
             with Timer() as tc:
                 q = vitqc.compile(copy.deepcopy(module), pipeline, calib, quiet=True)
             with Timer() as te:
                 row[pipeline] = top1(q, test)
             row["seconds"][pipeline] = {"compile": round(tc.seconds, 1), "eval": round(te.seconds, 1)}
             print(f"{name}: {pipeline} {row[pipeline]:.4f} ({tc.seconds:.0f}s + {te.seconds:.0f}s)", flush=True)
-        for label, linear_only in (("pt2e-xnnpack-w8a8", False), ("pt2e-xnnpack-w8a8-linear-only", True)):
+        for label, linear_only in ((l, o) for l, o in zip(PT2E, (False, True)) if l in wanted):
             with Timer() as tc:
                 q = pt2e_xnnpack(module, calib, linear_only)
             with Timer() as te:
@@ -79,7 +82,7 @@ def main() -> None:
             print(f"{name}: {label} {row[label]:.4f} ({tc.seconds:.0f}s + {te.seconds:.0f}s)", flush=True)
         rows.append(row)
         write_result(args.result, {"rows": rows, "limit": args.limit})
-    cols = ["fp32", *PIPELINES, "pt2e-xnnpack-w8a8", "pt2e-xnnpack-w8a8-linear-only"]
+    cols = ["fp32", *(c for c in PIPELINES + PT2E if all(c in r for r in rows))]
     print("\n| model | images | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for r in rows:
