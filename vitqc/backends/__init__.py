@@ -1,5 +1,14 @@
-"""Backends lower a materialized artifact to deployable code.
+"""Backends lower a materialized quantized model (an artifact, or what ``vitqc.compile`` returns) to code that
+runs its integers.
 
-Not written yet: packed low-bit kernels and ExecuTorch lowering are planned (see the project issues).
-The artifact already holds what they need: integer weight codes, scales and activation ranges.
+* :mod:`vitqc.backends.packing`: dense bit packing (2..8-bit fields, ternary at 2 bits or 5 trits a byte).
+* :mod:`vitqc.backends.packed`: integer kernels over packed weights (``torch._int_mm`` int8 GEMM, zero points
+  folded, static or per-token activation scales), saved as a ``torch.export`` program (no pickle).
+  ``lower_packed(artifact_or_graph)`` -> ``PackedProgram``; ``save_packed`` / ``load_packed``.
+* :mod:`vitqc.backends.executorch`: PT2E + XNNPACK ``.pte`` with vitqc's weight codes/scales and XNNPACK's
+  dynamic int8 activations. ``lower_executorch(...)`` -> ``PteResult``; ``save_pte`` / ``load_pte`` / ``run_pte``.
+
+Both start from the quantized ``torch.export`` program (the artifact's ``quantized.pt2``, or an export of the
+graph) and find each layer by its stored tensors and module path. The command line is ``vitqc export``.
+Modules are imported on use (ExecuTorch is heavy).
 """

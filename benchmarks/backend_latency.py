@@ -1,0 +1,223 @@
+"""Packed backend: latency vs fp32 eager in the same process, size on disk, and agreement with fake-quant.
+
+    python benchmarks/backend_latency.py [--models vits14_cifar10,vit_small_patch16_224] [--batches 1,8]
+        [--schemes w8a8,w4a8,w4a4,t158a8] [--runs 20] [--threads 1] [--compile] [--agreement N]
+
+Latency: median of ``--runs`` timed calls after 3 warm-up calls, each scheme's calls interleaved with fp32
+eager calls on the same input (so both medians see the same machine load); ratio = fp32 median / scheme
+median. Rows: ``packed`` (weights unpacked to int8 inside every call), ``packed-load`` (unpacked once at load,
+int8 in memory), ``fake-quant`` (the artifact's own program) and, with ``--compile``, ``packed+inductor``
+(``torch.compile`` of the packed program: fuses the quantize/unpack/dequantize elementwise ops; compile time
+printed). ``vit_small_patch16_224`` has random weights (timing only) and random calibration images.
+
+Size: the saved packed program (``.pt2``) in bytes per parameter of the whole model, and the quantized layers'
+weight storage (packed codes + per-channel scale/zero-point/correction) per weight against the limit bits/8.
+
+Agreement (``--agreement N``, vits14_cifar10): packed vs the fake-quant program on N CIFAR-10 test images
+(max relative logit difference, argmax agreement), next to the fake-quant program against *itself* with its
+linears accumulated in float64: the floor that fp32 rounding alone sets for this model.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import Timer, decode_eval_set, write_result
+
+SCHEMES = {
+    "w8a8": ("minmax-w8a8", 8, "2bit"),
+    "w4a8": ("minmax-w4a8", 4, "2bit"),
+    "w4a4": ("minmax-w4a4", 4, "2bit"),
+    "t158a8": ("canonicalize,insert_quantizers{weight_bits=1.58,act_bits=8,keep={head=8,patch_embed=8}},"
+               "calibrate,materialize", 1.58, "2bit"),
+    "t158a8-base3": ("canonicalize,insert_quantizers{weight_bits=1.58,act_bits=8,keep={head=8,patch_embed=8}},"
+                     "calibrate,materialize", 1.58, "base3"),
+}
+
+
+def load_model(name: str, calib_size: int):
+    if name == "vit_small_patch16_224":
+        import timm
+
+        torch.manual_seed(0)
+        model = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+        calib = list(torch.randn(calib_size, 3, 224, 224, generator=torch.Generator().manual_seed(0)).split(16))
+        return model, calib, None
+    from common import load_reference_model, require_shared
+    from vitqc.data import load_calibration
+
+    require_shared()
+    model, pre, eval_dir, calib_dir, _ = load_reference_model(name)
+    calib = load_calibration(calib_dir, pre, size=calib_size, seed=0, batch_size=50)
+    return model, calib, (pre, eval_dir)
+
+
+def interleaved(fp32, candidate, x, runs: int) -> tuple[float, float]:
+    """Medians (ms) of fp32 and candidate, timed alternately after 3 warm-up calls each."""
+    a, b = [], []
+    with torch.no_grad():
+        for _ in range(3):
+            fp32(x)
+            candidate(x)
+        for _ in range(runs):
+            t = time.perf_counter()
+            fp32(x)
+            a.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            candidate(x)
+            b.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(a), 1e3 * statistics.median(b)
+
+
+def sizes(packed, path: Path, n_params: int) -> dict:
+    from vitqc.backends.packed import save_packed
+
+    save_packed(packed, path)
+    s = packed.manifest["summary"]
+    return {"file_bytes": path.stat().st_size, "file_bytes_per_param": path.stat().st_size / n_params,
+            "weight_bytes_per_weight": (s["packed_bytes"] + s["per_channel_bytes"]) / s["weight_params"],
+            "packed_only_bytes_per_weight": s["packed_bytes"] / s["weight_params"]}
+
+
+def limit_bytes_per_weight(packed) -> float:
+    """bits/8 per weight + one fp32 scale per output channel, with each layer at its own bit width."""
+    total = sum(l["weight_params"] * l["weight_bits"] / 8 + 4 * l["shape"][0]
+                for l in packed.manifest["layers"] if l["kind"] != "matmul")
+    return total / packed.manifest["summary"]["weight_params"]
+
+
+@torch.no_grad()
+def agreement(gm, packed_module, test) -> dict:
+    import torch.nn.functional as F
+
+    from vitqc.quant.modules import IntLinear
+
+    rel_max, agree, n = 0.0, 0, 0
+    rel64, agree64 = 0.0, 0
+    per_image = []
+    original = IntLinear.forward
+
+    def float64_linear(self, x):
+        b = None if self.bias is None else self.bias.double()
+        return F.linear(self.quantize_input(x).double(), self.dequantized_weight().double(), b).float()
+
+    for x, _ in test:
+        ref = gm(x)
+        got = packed_module(x)
+        rel = (got - ref).abs().amax(1) / ref.abs().amax(1)
+        per_image.append(rel)
+        rel_max = max(rel_max, float((got - ref).abs().max() / ref.abs().max()))
+        agree += int((got.argmax(1) == ref.argmax(1)).sum())
+        IntLinear.forward = float64_linear
+        try:
+            r64 = gm(x)
+        finally:
+            IntLinear.forward = original
+        rel64 = max(rel64, float((r64 - ref).abs().max() / ref.abs().max()))
+        agree64 += int((r64.argmax(1) == ref.argmax(1)).sum())
+        n += len(x)
+    per_image = torch.cat(per_image)
+    return {"images": n, "packed_vs_fakequant_max_rel": rel_max, "packed_vs_fakequant_argmax_agreement": agree / n,
+            "packed_vs_fakequant_median_image_rel": float(per_image.median()),
+            "fakequant_f64_vs_f32_max_rel": rel64, "fakequant_f64_vs_f32_argmax_agreement": agree64 / n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="vits14_cifar10,vit_small_patch16_224")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--schemes", default="w8a8,w4a8,w4a4,t158a8,t158a8-base3")
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--calib-size", type=int, default=64)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (inductor) of the packed program")
+    ap.add_argument("--agreement", type=int, default=0, help="vits14_cifar10: packed vs fake-quant on N test images")
+    ap.add_argument("--no-fakequant", action="store_true", help="skip timing the fake-quant program")
+    ap.add_argument("--tag", default="", help="results/backend_latency[-TAG].json")
+    ap.add_argument("--sizes-only", action="store_true", help="lower and save, no timing")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import vitqc
+    from vitqc.backends.packed import lower_packed
+
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
+               "torch": torch.__version__, "load_avg_start": os.getloadavg()}
+    print(f"machine: {machine}", flush=True)
+    rows, sizes_rows, agree_rows = [], [], []
+    tmp = Path(tempfile.mkdtemp(prefix="vitqc-bench-"))
+    for model_name in args.models.split(","):
+        model, calib, data = load_model(model_name, args.calib_size)
+        n_params = sum(p.numel() for p in model.parameters())
+        shape = calib[0].shape[1:]
+        for scheme in args.schemes.split(","):
+            pipeline, bits, ternary = SCHEMES[scheme]
+            with Timer() as tc:
+                gm = vitqc.compile(copy.deepcopy(model), pipeline, calib, quiet=True)
+            with Timer() as tl:
+                packed = lower_packed(gm, ternary=ternary)
+            print(f"{model_name} {scheme}: compile {tc.seconds:.0f}s, lower {tl.seconds:.0f}s", flush=True)
+            size = sizes(packed, tmp / f"{model_name}-{scheme}.pt2", n_params)
+            size.update({"model": model_name, "scheme": scheme, "bits": bits,
+                         "limit_bytes_per_weight": limit_bytes_per_weight(packed), "params": n_params})
+            sizes_rows.append(size)
+            variants = {"packed": packed.module("call"), "packed-load": packed.module("load")}
+            if not args.no_fakequant:
+                variants["fake-quant"] = gm
+            if args.compile:
+                with Timer() as tcc:
+                    compiled = torch.compile(packed.module("call"), dynamic=False)
+                    with torch.no_grad():
+                        for b in args.batches.split(","):
+                            compiled(torch.randn(int(b), *shape))
+                print(f"  torch.compile: {tcc.seconds:.0f}s", flush=True)
+                variants["packed+inductor"] = compiled
+            for b in ([] if args.sizes_only else (int(v) for v in args.batches.split(","))):
+                x = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b))
+                for variant, module in variants.items():
+                    fp_ms, ms = interleaved(model, module, x, args.runs)
+                    row = {"model": model_name, "batch": b, "scheme": scheme, "variant": variant,
+                           "ms": round(ms, 2), "fp32_ms": round(fp_ms, 2), "speedup": round(fp_ms / ms, 2)}
+                    rows.append(row)
+                    print(f"  batch {b} {variant:16s} {ms:9.1f} ms  fp32 {fp_ms:9.1f} ms  x{fp_ms / ms:.2f}", flush=True)
+            if args.agreement and data is not None and model_name == "vits14_cifar10":
+                pre, eval_dir = data
+                test = decode_eval_set(eval_dir, pre, limit=args.agreement, batch_size=100)
+                with Timer() as ta:
+                    a = agreement(gm, packed.module("load"), test)
+                a.update({"model": model_name, "scheme": scheme, "seconds": round(ta.seconds)})
+                agree_rows.append(a)
+                print(f"  agreement: {a}", flush=True)
+            write_result("backend_latency" + (f"-{args.tag}" if args.tag else ""), {"machine": machine, "args": vars(args), "latency": rows,
+                                             "sizes": sizes_rows, "agreement": agree_rows})
+    machine["load_avg_end"] = os.getloadavg()
+    write_result("backend_latency" + (f"-{args.tag}" if args.tag else ""), {"machine": machine, "args": vars(args), "latency": rows, "sizes": sizes_rows,
+                                     "agreement": agree_rows})
+    print(f"\nmachine: {machine}\n")
+    print("| model | batch | scheme | variant | median ms | fp32 eager ms | speedup |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['batch']} | {r['scheme']} | {r['variant']} | {r['ms']} | {r['fp32_ms']} | {r['speedup']} |")
+    print("\n| model | scheme | file B/param | weight B/weight (codes + per-channel) | codes only | limit bits/8 + scales |")
+    print("|---|---|---|---|---|---|")
+    for s in sizes_rows:
+        print(f"| {s['model']} | {s['scheme']} | {s['file_bytes_per_param']:.3f} | {s['weight_bytes_per_weight']:.3f} | "
+              f"{s['packed_only_bytes_per_weight']:.3f} | {s['limit_bytes_per_weight']:.3f} |")
+    if agree_rows:
+        print("\n| model | scheme | images | packed vs fake-quant: max rel / argmax | fake-quant f64 vs f32: max rel / argmax |")
+        print("|---|---|---|---|---|")
+        for a in agree_rows:
+            print(f"| {a['model']} | {a['scheme']} | {a['images']} | {a['packed_vs_fakequant_max_rel']:.2e} / "
+                  f"{a['packed_vs_fakequant_argmax_agreement']:.2%} | {a['fakequant_f64_vs_f32_max_rel']:.2e} / "
+                  f"{a['fakequant_f64_vs_f32_argmax_agreement']:.2%} |")
+
+
+if __name__ == "__main__":
+    main()

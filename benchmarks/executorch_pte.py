@@ -1,0 +1,115 @@
+"""ExecuTorch (XNNPACK) .pte of vitqc's quantized model vs an fp32 .pte of the same model: latency, size, and
+top-1 agreement with vitqc's quantized (fake-quant) model on the CIFAR-10 test set.
+
+    python benchmarks/executorch_pte.py [--model vits14_cifar10] [--schemes w8a8,w4a8] [--limit N]
+        [--runs 20] [--threads 1] [--calib-size 256]
+
+Both programs are lowered from the same float graph (vitqc's dequantized weights; the fp32 one without
+quantization), static batch 1, and run with ``executorch.runtime``. Latency: median of ``--runs`` calls after
+3 warm-up calls, fp32 and quantized calls interleaved. Agreement: argmax of the quantized .pte against
+vitqc's quantized program, image by image, on ``--limit`` test images spread over the classes (default all
+10,000). The line printed before lowering says what XNNPACK runs instead of vitqc's scheme.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import Timer, decode_eval_set, load_reference_model, require_shared, write_result
+
+SCHEMES = {"w8a8": "minmax-w8a8", "w4a8": "minmax-w4a8", "w4a4": "minmax-w4a4"}
+
+
+def latency(fp32_method, q_method, x, runs: int) -> tuple[float, float]:
+    a, b = [], []
+    for _ in range(3):
+        fp32_method.execute([x])
+        q_method.execute([x])
+    for _ in range(runs):
+        t = time.perf_counter()
+        fp32_method.execute([x])
+        a.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        q_method.execute([x])
+        b.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(a), 1e3 * statistics.median(b)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="vits14_cifar10")
+    ap.add_argument("--schemes", default="w8a8,w4a8")
+    ap.add_argument("--limit", type=int, default=None, help="test images (default: all)")
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for the vitqc reference model")
+    ap.add_argument("--calib-size", type=int, default=256)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    require_shared()
+    import vitqc
+    from vitqc.backends.executorch import load_pte, lower_executorch, run_pte, save_pte
+    from vitqc.data import load_calibration
+
+    module, pre, eval_dir, calib_dir, card = load_reference_model(args.model)
+    calib = load_calibration(calib_dir, pre, size=args.calib_size, seed=0, batch_size=50)
+    test = decode_eval_set(eval_dir, pre, limit=args.limit, batch_size=100)
+    n_test = sum(len(y) for _, y in test)
+    tmp = Path(tempfile.mkdtemp(prefix="vitqc-pte-"))
+    rows = []
+    for scheme in args.schemes.split(","):
+        with Timer() as tc:
+            gm = vitqc.compile(copy.deepcopy(module), SCHEMES[scheme], calib, quiet=True)
+        print(f"{args.model} {scheme}: compiled in {tc.seconds:.0f}s", flush=True)
+        with Timer() as tl:
+            fp32 = lower_executorch(gm, fp32=True, batch=1, announce=None)
+            quant = lower_executorch(gm, batch=1, announce=lambda line: print(f"  {line}", flush=True))
+        fp32_path, q_path = save_pte(fp32, tmp / f"{scheme}-fp32.pte"), save_pte(quant, tmp / f"{scheme}.pte")
+        print(f"  lowered both in {tl.seconds:.0f}s: fp32 {fp32.delegates} delegate segments, "
+              f"quantized {quant.delegates}", flush=True)
+        fp32_m, q_m = load_pte(fp32_path), load_pte(q_path)
+        x = test[0][0][:1].contiguous()
+        fp_ms, q_ms = latency(fp32_m, q_m, x, args.runs)
+        print(f"  latency batch 1: fp32 .pte {fp_ms:.1f} ms, quantized .pte {q_ms:.1f} ms (x{fp_ms / q_ms:.2f})", flush=True)
+        agree = right_q = right_pte = right_fp = right_fp32pte = 0
+        with Timer() as te, torch.no_grad():
+            for xb, yb in test:
+                ref = gm(xb).argmax(1)
+                got = run_pte(q_m, xb, batch=1).argmax(1)
+                got_fp = run_pte(fp32_m, xb, batch=1).argmax(1)
+                agree += int((got == ref).sum())
+                right_q += int((ref == yb).sum())
+                right_pte += int((got == yb).sum())
+                right_fp32pte += int((got_fp == yb).sum())
+                right_fp += int((module(xb).argmax(1) == yb).sum())
+        row = {"model": args.model, "scheme": scheme, "pipeline": SCHEMES[scheme], "substitution": quant.substitution,
+               "fp32_pte_bytes": fp32_path.stat().st_size, "pte_bytes": q_path.stat().st_size,
+               "size_ratio": q_path.stat().st_size / fp32_path.stat().st_size,
+               "fp32_pte_ms": round(fp_ms, 2), "pte_ms": round(q_ms, 2), "speedup": round(fp_ms / q_ms, 2),
+               "delegates_fp32": fp32.delegates, "delegates": quant.delegates, "portable_ops": quant.portable_ops,
+               "images": n_test,
+               "agreement_with_vitqc": agree / n_test, "top1_vitqc": right_q / n_test, "top1_pte": right_pte / n_test,
+               "top1_fp32_pte": right_fp32pte / n_test, "top1_fp32_eager": right_fp / n_test,
+               "eval_seconds": round(te.seconds)}
+        rows.append(row)
+        print(f"  {row}", flush=True)
+        write_result("executorch_pte", {"rows": rows, "args": vars(args), "cores": os.cpu_count(),
+                                        "load_avg": os.getloadavg()})
+    print("\n| model | scheme | .pte ms (fp32 .pte ms) | speedup | size MB (fp32 MB) | size ratio | delegates | "
+          "agreement with vitqc | top-1 .pte / vitqc / fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['scheme']} | {r['pte_ms']} ({r['fp32_pte_ms']}) | {r['speedup']} | "
+              f"{r['pte_bytes'] / 1e6:.2f} ({r['fp32_pte_bytes'] / 1e6:.2f}) | {r['size_ratio']:.2f} | {r['delegates']} | "
+              f"{r['agreement_with_vitqc']:.2%} ({r['images']} images) | {r['top1_pte']:.2%} / {r['top1_vitqc']:.2%} / "
+              f"{r['top1_fp32_eager']:.2%} |")
+
+
+if __name__ == "__main__":
+    main()

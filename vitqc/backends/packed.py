@@ -1,0 +1,720 @@
+"""The packed backend: integer kernels over bit-packed weights, lowered from vitqc's quantized program.
+
+One code path. The input is always a ``torch.export`` program of a materialized graph: an artifact's
+``quantized.pt2`` as it is, or ``export_program(gm)`` for a graph from ``vitqc.compile`` (done here). In
+that program every integer layer is found by its state (``<path>.weight_codes``, ``.weight_scale``,
+``.weight_zero_point``, ``.bias``, ``.input_quantizer.{scale,zero_point,clip_ratio}``) and the nodes that
+carry ``<path>`` in their ``nn_module_stack``; the activation grid ``[qmin, qmax]`` is read from that
+region's ``clamp`` (the only clamp with integer bounds there). Every quantizer likewise (``<path>.initialized``).
+The region is replaced by one module call and the graph re-exported, so the result is again a
+``torch.export`` program (saved with ``torch.export.save``: raw tensors + JSON, no pickle).
+
+What runs:
+
+* ``PackedLinear`` (each ``IntLinear``): the input quantizer's codes are computed with the same float ops as
+  the fake-quantizer (bit-identical codes), shifted to int8 when the grid is [0, 255], and multiplied with the
+  weight's int8 codes by ``torch._int_mm`` (int32 accumulation; on CPU any M/K/N works, checked in the tests),
+  then ``acc * (s_x * s_w[n]) + bias``. Zero points are folded exactly:
+  ``sum_k (a - za)(r - zw[n]) = A R^T - za * (colsum R - K zw)[n] - zw[n] rowsum A`` (the last term only for
+  asymmetric weights). Static per-tensor or dynamic per-token activations, as the program says. Layers
+  without an input quantizer (weight-only) dequantize the unpacked codes and run ``F.linear`` in float.
+* weights are stored packed (:mod:`vitqc.backends.packing`): 8-bit as int8, 2..7-bit as dense b-bit fields,
+  ternary as 2 bits or 5 trits a byte (``ternary="2bit"|"base3"``); the forward unpacks them to int8 each call
+  (``unpack="call"``) or :func:`fold_unpack` does it once at load (``unpack="load"``: int8 in memory, packed
+  on disk).
+* ``PackedPatchConv`` (an ``IntConv2d`` whose stride equals its kernel, no padding/dilation/groups, i.e. a
+  ViT patch embedding): patches are gathered from the int8 image codes and go through the same int8 GEMM.
+  Other convolutions keep their fake-quant form (int8 codes, float conv) and are listed as not lowered.
+* ``PackedMatmul`` (``q @ k^T`` and ``attn @ v``, both inputs quantized): the centered integer codes go through
+  an fp32 GEMM, which is exact integer arithmetic while ``K * max|a| * max|b| < 2^24`` (K = head dim or the
+  token count, codes <= 255: K <= 258), then one multiply by ``s_a * s_b``. PyTorch has no batched int8
+  GEMM on CPU (``_int_mm`` is 2-D only), so this path saves the two dequantizations, not GEMM time. A per-token
+  quantized *right* operand varies along the contraction and is dequantized before the GEMM.
+
+Agreement with the fake-quant program is up to float rounding of the accumulation (codes are identical);
+a rounding difference can flip one activation code in a later layer, which is what the tests bound.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from vitqc.backends import packing
+from vitqc.errors import VitqcError
+
+__all__ = ["ActQuant", "PackedLinear", "PackedPatchConv", "PackedMatmul", "PackedProgram", "lower_packed",
+           "save_packed", "load_packed", "fold_unpack", "quantized_program", "PACKED_FORMAT"]
+
+PACKED_FORMAT = "vitqc-packed/1"
+MANIFEST_NAME = "vitqc-packed.json"
+_EPS = 1e-8  # UniformQuantizer's smallest scale
+TERNARY_BITS = 1.58
+_CLAMP = (torch.ops.aten.clamp.default,)
+_ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
+
+
+# ----------------------------------------------------------------------------------------------- quantizers
+
+@dataclass
+class ActQuant:
+    """An activation quantizer as the program computes it: static per-tensor (``scale``/``zero_point``,
+    0-d) or dynamic per-token (``clip_ratio``), on the integer grid ``[qmin, qmax]``."""
+
+    granularity: str
+    qmin: int
+    qmax: int
+    scale: Tensor | None = None
+    zero_point: Tensor | None = None
+    clip_ratio: Tensor | None = None
+
+    @property
+    def symmetric(self) -> bool:
+        return self.qmin < 0  # UniformQuantizer: asymmetric grids start at 0, symmetric ones below 0
+
+    @property
+    def shift(self) -> int:
+        """Subtracted from the codes so that they fit int8 (only the asymmetric 8-bit grid [0, 255] needs it)."""
+        return 128 if self.qmax > 127 else 0
+
+    def describe(self) -> dict[str, Any]:
+        bits = 1.58 if (self.qmin, self.qmax) == (-1, 1) else (self.qmax - self.qmin + 1).bit_length() - 1
+        return {"granularity": self.granularity, "qmin": self.qmin, "qmax": self.qmax, "bits": bits,
+                "symmetric": self.symmetric}
+
+
+class _ActBuffers(nn.Module):
+    """Holds one activation quantizer's constants as buffers (exported with the program)."""
+
+    def __init__(self, q: ActQuant) -> None:
+        super().__init__()
+        self.granularity, self.qmin, self.qmax, self.symmetric = q.granularity, q.qmin, q.qmax, q.symmetric
+        if q.granularity == "tensor":
+            assert q.scale is not None and q.zero_point is not None
+            self.register_buffer("scale", q.scale.detach().float().reshape(()).clamp_min(_EPS).clone())
+            z = q.zero_point.detach().float().reshape(())
+            z = torch.zeros(()) if q.symmetric else torch.clamp(z.round(), q.qmin, q.qmax)
+            self.register_buffer("zero_point", z.clone())
+        else:
+            assert q.clip_ratio is not None
+            self.register_buffer("clip_ratio", q.clip_ratio.detach().float().reshape(()).clamp_min(_EPS).clone())
+
+    def codes(self, x: Tensor, shift: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """``(q - shift, s, z)``: float integer codes ``clamp(round(x/s) + z, qmin, qmax)`` computed with exactly
+        the fake-quantizer's float ops, the scale (0-d, or ``[..., 1]`` per token) and zero point (same shape).
+        A static grid folds ``shift`` into the clamp (integers in fp32: exact) to save a pass."""
+        qmin, qmax = self.qmin, self.qmax
+        if self.granularity == "tensor":
+            s, z = self.scale, self.zero_point
+            v = torch.round(x / s)
+            if self.symmetric:
+                q = torch.clamp(v, qmin, qmax)
+                q = q - shift if shift else q
+            else:
+                q = torch.clamp(v + (z - shift), qmin - shift, qmax - shift)
+            return q, s, z
+        r = self.clip_ratio
+        if self.symmetric:
+            s = (r * x.abs().amax(-1, keepdim=True) / qmax).clamp_min(_EPS)
+            q = torch.clamp(torch.round(x / s), qmin, qmax)
+            return (q - shift if shift else q), s, torch.zeros_like(s)
+        lo = x.amin(-1, keepdim=True).clamp(max=0.0)
+        hi = x.amax(-1, keepdim=True).clamp(min=0.0)
+        s = (r * (hi - lo) / (qmax - qmin)).clamp_min(_EPS)
+        z = (qmin - torch.round(r * lo / s)).clamp(qmin, qmax)
+        return torch.clamp(torch.round(x / s) + (z - shift), qmin - shift, qmax - shift), s, z
+
+    @property
+    def zero_free(self) -> bool:
+        """The centered codes need no zero-point correction (symmetric grid that fits int8 unshifted)."""
+        return self.symmetric and self.qmax <= 127
+
+
+# ----------------------------------------------------------------------------------------------- weights
+
+@dataclass
+class _WeightLayout:
+    """How integer weight codes ``c`` are stored: ``u = c + store_offset`` packed in ``fmt``; the kernel
+    multiplies ``r = u - runtime_offset`` (int8) and ``zero_point`` (per channel) is in ``r`` units."""
+
+    fmt: str  # "int8" | "bits2".."bits7" | "trit5"
+    bits: float
+    store_offset: int
+    runtime_offset: int
+
+    def pack(self, codes: Tensor) -> Tensor:
+        c = codes.to(torch.int16)
+        if self.fmt == "int8":
+            return (c + self.store_offset - self.runtime_offset).to(torch.int8).contiguous()
+        u = (c + self.store_offset).to(torch.uint8)
+        if self.fmt == "trit5":
+            return packing.pack_trits(u)
+        return packing.pack_bits(u, int(self.fmt[4:]))
+
+    def unpack(self, packed: Tensor, k: int) -> Tensor:
+        """int8 ``r`` codes ``[N, K]``."""
+        if self.fmt == "int8":
+            return packed
+        u = packing.unpack_trits(packed, k) if self.fmt == "trit5" else packing.unpack_bits(packed, int(self.fmt[4:]), k)
+        r = u.view(torch.int8)  # u < 128 for every format below 8 bits
+        return r - self.runtime_offset if self.runtime_offset else r
+
+
+def _weight_layout(codes: Tensor, bits_hint: float | None, ternary: str, path: str) -> _WeightLayout:
+    lo, hi = int(codes.min()), int(codes.max())
+    if bits_hint is not None and float(bits_hint) == TERNARY_BITS:
+        if lo < -1 or hi > 1:
+            raise VitqcError(f"{path}: declared ternary but its codes span [{lo}, {hi}]; recompile the artifact")
+        return _WeightLayout("trit5" if ternary == "base3" else "bits2", TERNARY_BITS, 1, 1)
+    signed = lo < 0
+    fits = (lambda b: -(1 << (b - 1)) <= lo and hi <= (1 << (b - 1)) - 1) if signed else (lambda b: hi <= (1 << b) - 1)
+    if bits_hint is not None:
+        bits = int(bits_hint)
+        if not 2 <= bits <= 8 or not fits(bits):
+            raise VitqcError(f"{path}: declared {bits_hint}-bit weights but its codes span [{lo}, {hi}]")
+    else:
+        bits = next((b for b in range(2, 9) if fits(b)), 0)
+        if not bits:
+            raise VitqcError(f"{path}: weight codes span [{lo}, {hi}], wider than 8 bits; nothing to pack")
+    half = 1 << (bits - 1)
+    store = half if signed else 0
+    return _WeightLayout("int8" if bits == 8 else f"bits{bits}", float(bits), store, half)
+
+
+class _PackedWeightMixin:
+    """Packed integer weights ``[N, K]`` + per-channel scale/zero point, shared by linear and patch conv."""
+
+    weight_packed: Tensor
+    weight_scale: Tensor
+    weight_zero_point: Tensor
+    weight_sum: Tensor
+    layout: _WeightLayout
+    in_features: int
+    out_features: int
+
+    def _init_weight(self, codes: Tensor, scale: Tensor, zero_point: Tensor, layout: _WeightLayout) -> None:
+        n, k = codes.shape
+        self.in_features, self.out_features, self.layout = k, n, layout
+        self.register_buffer("weight_packed", layout.pack(codes))
+        r = layout.unpack(self.weight_packed, k)
+        c = codes.to(torch.int32)
+        if not torch.equal(r.to(torch.int32) + layout.runtime_offset - layout.store_offset, c):
+            raise AssertionError("packing round trip failed")  # a bug, not a user error
+        zp = zero_point.detach().reshape(n).round().to(torch.int32) + layout.store_offset - layout.runtime_offset
+        self.has_weight_zero_point = bool((zp != 0).any())
+        self.register_buffer("weight_scale", scale.detach().float().reshape(n).clone())
+        # symmetric weights (the usual case) store no zero point
+        self.register_buffer("weight_zero_point", zp if self.has_weight_zero_point else None)
+        # colsum(R) - K * zw: multiplies the activation zero point (see the module docstring)
+        self.register_buffer("weight_sum", r.to(torch.int32).sum(1) - k * zp)
+
+    def weight_int8(self) -> Tensor:
+        return self.layout.unpack(self.weight_packed, self.in_features)
+
+    def dequantized_weight(self) -> Tensor:
+        w = self.weight_int8().to(torch.float32)
+        if self.weight_zero_point is not None:
+            w = w - self.weight_zero_point.unsqueeze(1)
+        return w * self.weight_scale.unsqueeze(1)
+
+    def _int_gemm(self, x2: Tensor, act: _ActBuffers, bias: Tensor | None) -> Tensor:
+        """``x2`` [M, K] float -> [M, N] float through the int8 GEMM (zero points folded, see module docstring)."""
+        shift = 128 if act.qmax > 127 else 0
+        q, s, z = act.codes(x2, shift)
+        a = q.to(torch.int8)
+        acc = torch._int_mm(a, self.weight_int8().t())
+        if self.has_weight_zero_point:
+            acc = acc - a.to(torch.int32).sum(1, keepdim=True) * self.weight_zero_point
+        out_scale = s * self.weight_scale
+        offset = bias
+        if not act.zero_free:  # - za * (colsum R - K zw)[n], applied after scaling: one [N] (or [M, N]) term
+            correction = ((z - shift if shift else z) * self.weight_sum.to(torch.float32)) * out_scale
+            offset = -correction if offset is None else offset - correction
+        accf = acc.to(torch.float32)
+        return accf * out_scale if offset is None else torch.addcmul(offset, accf, out_scale)
+
+    def storage_bytes(self) -> dict[str, int]:
+        extra = sum(t.numel() * t.element_size() for t in (self.weight_scale, self.weight_zero_point, self.weight_sum)
+                    if t is not None)
+        return {"packed": self.weight_packed.numel() * self.weight_packed.element_size(), "per_channel": extra}
+
+
+class PackedLinear(_PackedWeightMixin, nn.Module):
+    def __init__(self, codes: Tensor, scale: Tensor, zero_point: Tensor, bias: Tensor | None,
+                 act: ActQuant | None, layout: _WeightLayout) -> None:
+        super().__init__()
+        self._init_weight(codes, scale, zero_point, layout)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.act = None if act is None else _ActBuffers(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.act is None:
+            return F.linear(x, self.dequantized_weight(), self.bias)
+        y = self._int_gemm(x.reshape(-1, self.in_features), self.act, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class PackedPatchConv(_PackedWeightMixin, nn.Module):
+    """A conv with stride == kernel (no padding, dilation, groups): non-overlapping patches x int8 GEMM."""
+
+    def __init__(self, codes: Tensor, scale: Tensor, zero_point: Tensor, bias: Tensor | None, act: ActQuant,
+                 layout_for: Any) -> None:
+        super().__init__()
+        self.out_channels, self.in_channels, self.kh, self.kw = codes.shape
+        flat = codes.reshape(self.out_channels, -1)
+        self._init_weight(flat, scale, zero_point, layout_for(flat))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.act = _ActBuffers(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        ho, wo = h // self.kh, w // self.kw
+        x = x[:, :, :ho * self.kh, :wo * self.kw]
+        patches = (x.reshape(b, c, ho, self.kh, wo, self.kw).permute(0, 2, 4, 1, 3, 5)
+                   .reshape(b * ho * wo, c * self.kh * self.kw))
+        y = self._int_gemm(patches, self.act, self.bias)
+        return y.reshape(b, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+
+
+class PackedMatmul(nn.Module):
+    """``Q_a(a) @ Q_b(b)`` on integer codes (fp32 GEMM of integer values, exact below 2^24)."""
+
+    def __init__(self, lhs: ActQuant, rhs: ActQuant) -> None:
+        super().__init__()
+        self.lhs, self.rhs = _ActBuffers(lhs), _ActBuffers(rhs)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        qa, sa, za = self.lhs.codes(a)
+        qb, sb, zb = self.rhs.codes(b)
+        ca = qa if self.lhs.zero_free else qa - za
+        cb = qb if self.rhs.zero_free else qb - zb
+        if self.rhs.granularity == "token":  # its scale varies along the contraction: dequantize first
+            return torch.matmul(ca, cb * sb) * sa
+        return torch.matmul(ca, cb) * (sa * sb)
+
+
+# ----------------------------------------------------------------------------------------------- lowering
+
+@dataclass
+class PackedProgram:
+    """A packed model: ``program`` (torch.export) + ``manifest`` (what was lowered, sizes)."""
+
+    program: torch.export.ExportedProgram
+    manifest: dict[str, Any]
+    eager: fx.GraphModule | None = None  # the rewritten graph with the packed modules (not kept by save/load)
+
+    def module(self, unpack: str = "call") -> nn.Module:
+        """A callable module; ``unpack="load"`` unpacks the weights to int8 once (see :func:`fold_unpack`)."""
+        if unpack not in ("call", "load"):
+            raise VitqcError(f"unpack must be 'call' or 'load', got {unpack!r}")
+        gm = self.program.module()
+        return fold_unpack(gm) if unpack == "load" else gm
+
+
+def quantized_program(source: Any, example: Tensor | None = None) -> tuple[torch.export.ExportedProgram, dict[str, float], Tensor, dict[str, Any]]:
+    """``(program, weight bits by layer path, example input, manifest)`` for an Artifact, a path to one, a
+    materialized GraphModule (exported here) or an ExportedProgram of one."""
+    from vitqc.artifact import Artifact, export_program, load_artifact
+    from vitqc.quant.modules import INT_LAYERS, QUANT_LAYERS
+
+    if isinstance(source, (str, Path)):
+        source = load_artifact(source)
+    if isinstance(source, Artifact):
+        manifest = source.manifest
+        bits = {l["path"]: l["weight_bits"] for l in manifest.get("layers", []) if l.get("weight_bits") is not None}
+        shape = manifest.get("input_shape")
+        if example is None:
+            if not shape:
+                raise VitqcError(f"{source.path}: the manifest has no input_shape; pass an example input")
+            example = torch.zeros(1, *shape)
+        return source.quantized_program, bits, example, manifest
+    if isinstance(source, torch.export.ExportedProgram):
+        if example is None:
+            example = _example_from_program(source)
+        return source, {}, example, {}
+    if isinstance(source, nn.Module):
+        if any(isinstance(m, QUANT_LAYERS) for m in source.modules()):
+            raise VitqcError("the graph still has fake-quant layers with FP weights: run the 'materialize' pass "
+                             "(end the pipeline with materialize) before lowering")
+        if not any(isinstance(m, INT_LAYERS) for m in source.modules()):
+            raise VitqcError("the model has no integer layers (IntLinear/IntConv2d): compile it with a quantizing "
+                             "pipeline such as minmax-w8a8 first")
+        bits = {name: m.weight_bits for name, m in source.named_modules() if isinstance(m, INT_LAYERS)}
+        if example is None:
+            example = _example_from_graph(source)
+        return export_program(source, example), bits, example, dict(getattr(source, "meta", {}).get("vitqc", {}))
+    raise VitqcError(f"cannot lower a {type(source).__name__}: give an artifact, a materialized GraphModule or "
+                     "an ExportedProgram")
+
+
+def _example_from_graph(gm: nn.Module) -> Tensor:
+    if isinstance(gm, fx.GraphModule):
+        for node in gm.graph.nodes:
+            if node.op == "placeholder" and "tensor_meta" in node.meta:
+                return torch.zeros(1, *node.meta["tensor_meta"].shape[1:])
+    raise VitqcError("pass an example input (the graph records no input shape)")
+
+
+def _example_from_program(ep: torch.export.ExportedProgram) -> Tensor:
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name not in ep.graph_signature.inputs_to_parameters \
+                and node.name not in ep.graph_signature.inputs_to_buffers \
+                and node.name not in ep.graph_signature.inputs_to_lifted_tensor_constants:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                return torch.zeros(1, *[int(d) for d in val.shape[1:]], dtype=val.dtype)
+    raise VitqcError("pass an example input (the program records no input shape)")
+
+
+def _stack_paths(node: fx.Node) -> set[str]:
+    return {v[0] for v in node.meta.get("nn_module_stack", {}).values() if isinstance(v, tuple)}
+
+
+def _is_tensor_node(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+@dataclass
+class _Region:
+    path: str
+    nodes: list[fx.Node]
+    node_set: set[fx.Node] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.node_set = set(self.nodes)
+
+    def tensor_inputs(self) -> list[fx.Node]:
+        seen: list[fx.Node] = []
+        for n in self.nodes:
+            for m in n.all_input_nodes:
+                if m not in self.node_set and m.op != "get_attr" and _is_tensor_node(m) and m not in seen:
+                    seen.append(m)
+        return seen
+
+    def tensor_outputs(self) -> list[fx.Node]:
+        return [n for n in self.nodes if _is_tensor_node(n) and any(u not in self.node_set for u in n.users)]
+
+    def clamp_bounds(self) -> set[tuple[int, int]]:
+        out = set()
+        for n in self.nodes:
+            if n.op == "call_function" and n.target in _CLAMP and len(n.args) >= 3 \
+                    and isinstance(n.args[1], int) and isinstance(n.args[2], int):
+                out.add((n.args[1], n.args[2]))
+        return out
+
+    def find(self, target: Any) -> list[fx.Node]:
+        return [n for n in self.nodes if n.op == "call_function" and n.target == target]
+
+
+def _regions(gm: fx.GraphModule, paths: list[str]) -> dict[str, _Region]:
+    wanted = set(paths)
+    found: dict[str, list[fx.Node]] = {p: [] for p in paths}
+    for node in gm.graph.nodes:
+        for p in _stack_paths(node) & wanted:
+            found[p].append(node)
+    return {p: _Region(p, nodes) for p, nodes in found.items() if nodes}
+
+
+def _act_quant(state: dict[str, Tensor], prefix: str, region: _Region) -> ActQuant | None:
+    """The activation quantizer stored at ``prefix`` as the program computes it, or None if it does nothing."""
+    bounds = region.clamp_bounds()
+    if not bounds:
+        return None
+    if len(bounds) != 1:
+        raise _Unsupported(f"several integer grids {sorted(bounds)} in one quantizer region")
+    qmin, qmax = next(iter(bounds))
+    if f"{prefix}.clip_ratio" in state:
+        return ActQuant("token", qmin, qmax, clip_ratio=state[f"{prefix}.clip_ratio"])
+    scale = state.get(f"{prefix}.scale")
+    if scale is None:
+        raise _Unsupported(f"no scale or clip_ratio under {prefix}")
+    if scale.numel() != 1:
+        raise _Unsupported("per-channel activation quantizer (no integer kernel for it)")
+    return ActQuant("tensor", qmin, qmax, scale=scale, zero_point=state.get(f"{prefix}.zero_point", torch.zeros(())))
+
+
+class _Unsupported(Exception):
+    """This region stays in its fake-quant form (recorded in the manifest)."""
+
+
+def _replace(gm: fx.GraphModule, region: _Region, inputs: list[fx.Node], output: fx.Node, target: str,
+             module: nn.Module) -> fx.Node:
+    try:
+        gm.get_submodule(target)
+        gm.meta.setdefault("vitqc_pending", []).append((target, module))  # replaces a holder: see _finish
+    except AttributeError:
+        gm.add_submodule(target, module)
+    with gm.graph.inserting_before(output):
+        new = gm.graph.call_module(target, tuple(inputs))
+    new.meta.update({k: output.meta[k] for k in ("val",) if k in output.meta})
+    output.replace_all_uses_with(new)
+    for n in region.nodes:  # dtype asserts are side-effectful for DCE; drop those of the replaced region
+        if n.op == "call_function" and n.target in _ASSERTS:
+            gm.graph.erase_node(n)
+    return new
+
+
+def _finish(gm: fx.GraphModule) -> None:
+    """Remove what the replaced regions left dead, then put the packed modules at their paths.
+
+    The unlifted program holds a layer's tensors on a plain module at the layer's path; the packed module
+    takes its place, so the region's ``get_attr`` nodes must be gone first (fx's own dead-code pass lints the
+    graph, which would fail on them: hence this loop).
+    """
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(gm.graph.nodes)):
+            if node.op in ("placeholder", "output") or node.users:
+                continue
+            subject = node.args[0] if node.args else None
+            dead_assert = node.op == "call_function" and node.target in _ASSERTS and isinstance(subject, fx.Node) \
+                and all(u.target in _ASSERTS for u in subject.users)
+            if dead_assert or (node.op != "call_module" and not node.is_impure()):
+                gm.graph.erase_node(node)
+                changed = True
+    for target, module in gm.meta.pop("vitqc_pending", []):
+        gm.add_submodule(target, module)
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+
+
+def lower_packed(source: Any, example: Tensor | None = None, *, ternary: str = "2bit",
+                 attention: bool = True) -> PackedProgram:
+    """Lower an artifact (or its path), a materialized GraphModule or an ExportedProgram to packed kernels.
+
+    ``ternary``: ``"2bit"`` (4 trits a byte, faster to unpack) or ``"base3"`` (5 a byte, 20 % smaller).
+    ``attention=False`` leaves the attention matmuls in fake-quant form.
+    """
+    if ternary not in ("2bit", "base3"):
+        raise VitqcError(f"ternary must be '2bit' or 'base3', got {ternary!r}")
+    program, bits_hint, example, source_manifest = quantized_program(source, example)
+    state: dict[str, Tensor] = {**program.state_dict, **program.constants}
+    gm = program.module()
+    weight_paths = sorted(k[: -len(".weight_codes")] for k in state if k.endswith(".weight_codes"))
+    quant_paths = sorted(k[: -len(".initialized")] for k in state if k.endswith(".initialized"))
+    if not weight_paths:
+        raise VitqcError("the program has no integer weight codes (<layer>.weight_codes): not a materialized model")
+    regions = _regions(gm, weight_paths + quant_paths)
+    layers: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+
+    for path in weight_paths:
+        region = regions.get(path)
+        try:
+            if region is None:
+                raise _Unsupported("no nodes carry this module path")
+            layers.append(_lower_weight_layer(gm, state, region, path, bits_hint.get(path), ternary))
+        except _Unsupported as why:
+            skipped.append({"path": path, "reason": str(why)})
+
+    n_matmul = 0
+    if attention:
+        owner_of_output = {}
+        for qp in quant_paths:
+            r = regions.get(qp)
+            if r is not None and not any(qp.startswith(wp + ".") for wp in weight_paths):
+                outs = r.tensor_outputs()
+                if len(outs) == 1:
+                    owner_of_output[outs[0]] = r
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target != torch.ops.aten.matmul.default:
+                continue
+            ra, rb = (owner_of_output.get(a) if isinstance(a, fx.Node) else None for a in node.args[:2])
+            if ra is None or rb is None:
+                continue
+            try:
+                qa, qb = _act_quant(state, ra.path, ra), _act_quant(state, rb.path, rb)
+                ia, ib = ra.tensor_inputs(), rb.tensor_inputs()
+                if qa is None or qb is None or len(ia) != 1 or len(ib) != 1:
+                    raise _Unsupported("matmul inputs are not both quantized")
+            except _Unsupported as why:
+                skipped.append({"path": f"{ra.path} @ {rb.path}", "reason": str(why)})
+                continue
+            owner = os.path.commonprefix([ra.path.split("."), rb.path.split(".")])
+            target = ".".join([*owner, f"int_{node.name}"])
+            merged = _Region(target, [])
+            _replace(gm, merged, [ia[0], ib[0]], node, target, PackedMatmul(qa, qb))
+            # the matmul node itself is now unused; the quantizer regions die with it
+            layers.append({"path": target, "kind": "matmul", "lhs": ra.path, "rhs": rb.path,
+                           "lhs_act": qa.describe(), "rhs_act": qb.describe()})
+            n_matmul += 1
+
+    _finish(gm)
+    packed = _export(gm, example)
+    manifest = _manifest(packed, layers, skipped, source_manifest, ternary)
+    return PackedProgram(packed, manifest, gm)
+
+
+def _export(gm: fx.GraphModule, example: Tensor) -> torch.export.ExportedProgram:
+    """Re-export with a dynamic batch (what ``vitqc.artifact.export_program`` does; an unlifted program
+    refuses ``.eval()``, which that function calls)."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    example = example[:1].expand(2, *example.shape[1:]).contiguous()
+    try:
+        return torch.export.export(gm, (example,), dynamic_shapes=({0: batch},), strict=False)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VitqcError(f"could not export the packed graph with torch.export: {first}") from exc
+
+
+def _lower_weight_layer(gm: fx.GraphModule, state: dict[str, Tensor], region: _Region, path: str,
+                        bits_hint: float | None, ternary: str) -> dict[str, Any]:
+    codes = state[f"{path}.weight_codes"]
+    scale, zp = state[f"{path}.weight_scale"], state[f"{path}.weight_zero_point"]
+    bias = state.get(f"{path}.bias")
+    inputs, outputs = region.tensor_inputs(), region.tensor_outputs()
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise _Unsupported(f"expected one tensor in and one out, found {len(inputs)} in / {len(outputs)} out")
+    act = _act_quant(state, f"{path}.input_quantizer", region)
+    if codes.dim() == 2:
+        layout = _weight_layout(codes, bits_hint, ternary, path)
+        module: nn.Module = PackedLinear(codes, scale, zp, bias, act, layout)
+        kind = "linear"
+    elif codes.dim() == 4:
+        convs = region.find(torch.ops.aten.conv2d.default)
+        if len(convs) != 1:
+            raise _Unsupported("conv region without exactly one aten.conv2d")
+        args = list(convs[0].args) + [None] * 7
+        stride, padding, dilation, groups = (args[3] or [1, 1]), (args[4] or [0, 0]), (args[5] or [1, 1]), (args[6] or 1)
+        kernel = list(codes.shape[2:])
+        if list(stride) != kernel or any(padding) or any(d != 1 for d in dilation) or groups != 1 or act is None \
+                or act.granularity != "tensor":
+            raise _Unsupported("only a patchify conv (stride == kernel, no padding/dilation/groups, per-tensor "
+                               "input quantizer) is lowered; this conv keeps int8 codes and a float conv")
+        module = PackedPatchConv(codes, scale, zp, bias, act, lambda flat: _weight_layout(flat, bits_hint, ternary, path))
+        layout = module.layout
+        kind = "patch_conv"
+    else:
+        raise _Unsupported(f"{codes.dim()}-d weight codes")
+    _replace(gm, region, inputs, outputs[0], path, module)
+    sizes = module.storage_bytes()
+    return {"path": path, "kind": kind, "weight_format": layout.fmt, "weight_bits": layout.bits,
+            "shape": list(codes.shape), "act": None if act is None else act.describe(),
+            "weight_params": codes.numel(), "packed_bytes": sizes["packed"], "per_channel_bytes": sizes["per_channel"]}
+
+
+def _manifest(packed: torch.export.ExportedProgram, layers: list[dict], skipped: list[dict],
+              source: dict[str, Any], ternary: str) -> dict[str, Any]:
+    from vitqc.artifact import package_versions
+
+    weight_layers = [l for l in layers if l["kind"] != "matmul"]
+    total_params = sum(int(t.numel()) for t in packed.state_dict.values()) + sum(
+        int(t.numel()) for t in packed.constants.values() if isinstance(t, Tensor))
+    return {
+        "format": PACKED_FORMAT,
+        "source": {k: source[k] for k in ("model", "pipeline", "preprocess", "input_shape") if k in source},
+        "ternary": ternary,
+        "layers": layers,
+        "not_lowered": skipped,
+        "summary": {
+            "weight_layers": len(weight_layers), "attention_matmuls": len(layers) - len(weight_layers),
+            "not_lowered": len(skipped),
+            "weight_params": sum(l["weight_params"] for l in weight_layers),
+            "packed_bytes": sum(l["packed_bytes"] for l in weight_layers),
+            "per_channel_bytes": sum(l["per_channel_bytes"] for l in weight_layers),
+            "stored_elements": total_params,
+        },
+        "versions": package_versions(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- unpack at load
+
+def fold_unpack(gm: fx.GraphModule) -> fx.GraphModule:
+    """Evaluate, once, every node of a packed layer that depends only on stored tensors (the weight unpack,
+    its transpose view, scale products) and store the results as buffers: the packed file stays small, the
+    weights sit in memory as int8 and each call skips the unpack. Nodes outside packed layers are left alone."""
+    packed_paths = {name for name, m in _packed_modules_by_stack(gm)}
+    const: dict[fx.Node, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            const[node] = _fetch_attr(gm, str(node.target))
+        elif node.op == "call_function" and node.target not in _ASSERTS and _stack_paths(node) & packed_paths \
+                and node.all_input_nodes and all(m in const for m in node.all_input_nodes) and _is_tensor_node(node):
+            args = fx.node.map_arg(node.args, lambda m: const[m])
+            kwargs = fx.node.map_arg(node.kwargs, lambda m: const[m])
+            const[node] = node.target(*args, **kwargs)
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node not in const:
+            continue
+        if all(u in const for u in node.users):
+            continue  # an inner node of a constant subgraph: its users are folded instead
+        name = f"_folded_{node.name}"
+        value = const[node]
+        gm.register_buffer(name, value.contiguous() if value.is_contiguous() else value, persistent=False)
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(name)
+        attr.meta.update(node.meta)
+        node.replace_all_uses_with(attr)
+        folded += 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    gm.meta["vitqc_folded"] = folded
+    return gm
+
+
+def _packed_modules_by_stack(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    out = set()
+    for node in gm.graph.nodes:
+        for key, v in node.meta.get("nn_module_stack", {}).items():
+            if isinstance(v, tuple) and isinstance(v[1], str) and v[1].rsplit(".", 1)[-1] in (
+                    "PackedLinear", "PackedPatchConv", "PackedMatmul"):
+                out.add((v[0], v[1]))
+    return sorted(out)
+
+
+def _fetch_attr(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------- save / load
+
+def save_packed(packed: PackedProgram, path: str | Path) -> Path:
+    """Write the packed program (``torch.export.save``: raw tensors + JSON graph, no pickle) with its manifest
+    as an extra file, through a temporary file and a rename."""
+    from vitqc.artifact import check_writable
+
+    path = check_writable(path)
+    # debugging metadata (source stack traces) and the traced example batch are a large share of a small
+    # model's file and are not needed to run it; `nn_module_stack` is kept (fold_unpack reads it)
+    for node in packed.program.graph.nodes:
+        for key in ("stack_trace", "source_fn_stack", "from_node", "seq_nr", "torch_fn"):
+            node.meta.pop(key, None)
+    packed.program._example_inputs = None
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.pt2", dir=path.parent if str(path.parent) else ".")
+    os.close(fd)
+    try:
+        torch.export.save(packed.program, tmp, extra_files={MANIFEST_NAME: json.dumps(packed.manifest, indent=2)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_packed(path: str | Path) -> PackedProgram:
+    path = Path(path)
+    if not path.is_file():
+        raise VitqcError(f"packed model {str(path)!r} not found; write one with `vitqc export ART --backend packed`")
+    extra = {MANIFEST_NAME: ""}
+    try:
+        program = torch.export.load(path, extra_files=extra)
+        manifest = json.loads(extra[MANIFEST_NAME])
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise VitqcError(f"{str(path)!r} is not a readable packed vitqc model ({type(exc).__name__})") from None
+    if manifest.get("format") != PACKED_FORMAT:
+        raise VitqcError(f"{str(path)!r} has format {manifest.get('format')!r}, this vitqc reads {PACKED_FORMAT!r}")
+    return PackedProgram(program, manifest)
