@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from vitqc.backends.packed import _finish, _regions, _Unsupported, quantized_program
+from vitqc.backends.packed import _finish, integer_layers
 from vitqc.errors import VitqcError
 
 __all__ = ["PteResult", "lower_executorch", "describe_substitution", "float_program", "save_pte", "load_pte",
@@ -72,14 +72,7 @@ class PteResult:
 def float_program(source: Any, example: Tensor | None = None) -> tuple[fx.GraphModule, list[_LayerPlan], Tensor, dict]:
     """The quantized program with every integer layer replaced by a float layer holding the dequantized
     weight, and every activation quantizer bypassed; plus the plan for each weight layer."""
-    program, bits_hint, example, manifest = quantized_program(source, example)
-    state: dict[str, Tensor] = {**program.state_dict, **program.constants}
-    gm = program.module()
-    weight_paths = sorted(k[: -len(".weight_codes")] for k in state if k.endswith(".weight_codes"))
-    quant_paths = sorted(k[: -len(".initialized")] for k in state if k.endswith(".initialized"))
-    if not weight_paths:
-        raise VitqcError("the program has no integer weight codes (<layer>.weight_codes): not a materialized model")
-    regions = _regions(gm, weight_paths + quant_paths)
+    program, bits_hint, example, manifest, state, gm, weight_paths, quant_paths, regions = integer_layers(source, example)
     plans: list[_LayerPlan] = []
     for path in weight_paths:
         region = regions.get(path)

@@ -413,6 +413,21 @@ class _Region:
         return [n for n in self.nodes if n.op == "call_function" and n.target == target]
 
 
+def integer_layers(source: Any, example: Tensor | None = None):
+    """The quantized program of ``source`` with what every backend reads from it: its state (parameters and
+    constants), the unlifted graph module, the paths of the integer weight layers, and the graph region of
+    each weight layer and activation quantizer."""
+    program, bits_hint, example, manifest = quantized_program(source, example)
+    state: dict[str, Tensor] = {**program.state_dict, **program.constants}
+    gm = program.module()
+    weight_paths = sorted(k[: -len(".weight_codes")] for k in state if k.endswith(".weight_codes"))
+    quant_paths = sorted(k[: -len(".initialized")] for k in state if k.endswith(".initialized"))
+    if not weight_paths:
+        raise VitqcError("the program has no integer weight codes (<layer>.weight_codes): not a materialized model")
+    return (program, bits_hint, example, manifest, state, gm, weight_paths, quant_paths,
+            _regions(gm, weight_paths + quant_paths))
+
+
 def _regions(gm: fx.GraphModule, paths: list[str]) -> dict[str, _Region]:
     wanted = set(paths)
     found: dict[str, list[fx.Node]] = {p: [] for p in paths}
@@ -496,14 +511,7 @@ def lower_packed(source: Any, example: Tensor | None = None, *, ternary: str = "
     """
     if ternary not in ("2bit", "base3"):
         raise VitqcError(f"ternary must be '2bit' or 'base3', got {ternary!r}")
-    program, bits_hint, example, source_manifest = quantized_program(source, example)
-    state: dict[str, Tensor] = {**program.state_dict, **program.constants}
-    gm = program.module()
-    weight_paths = sorted(k[: -len(".weight_codes")] for k in state if k.endswith(".weight_codes"))
-    quant_paths = sorted(k[: -len(".initialized")] for k in state if k.endswith(".initialized"))
-    if not weight_paths:
-        raise VitqcError("the program has no integer weight codes (<layer>.weight_codes): not a materialized model")
-    regions = _regions(gm, weight_paths + quant_paths)
+    program, bits_hint, example, source_manifest, state, gm, weight_paths, quant_paths, regions = integer_layers(source, example)
     layers: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
 

@@ -16,7 +16,6 @@ from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_prope
 from vitqc.passes.insert_quantizers import quantizers
 from vitqc.progress import progress_bar
 from vitqc.quant.modules import QUANT_LAYERS
-from vitqc.quant.quantizer import UniformQuantizer
 
 
 @graph_property("calibrated")

@@ -18,7 +18,6 @@ Not implemented yet: activation checkpointing.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import fnmatch
 import math
