@@ -13,7 +13,7 @@ import torch
 from torch import fx
 
 from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_property, register_pass
-from vitqc.passes.insert_quantizers import quantizers
+from vitqc.passes.insert_quantizers import bypassed, quantizers
 from vitqc.progress import progress_bar
 from vitqc.quant.modules import QUANT_LAYERS
 
@@ -57,25 +57,21 @@ class Calibrate(VitqcPass):
         if o.max_images:
             batches = list(torch.cat(batches)[: o.max_images].split(o.batch_size))
         images = sum(len(b) for b in batches)
-        saved = {id(q): q.enabled for q in quantizers(gm).values()}
-        try:
-            for q in quantizers(gm).values():
-                if id(q) in weight_qs:
-                    q.enabled = False  # observe FP activations
-            for q in act_qs:
-                q.observe(True)
-            was_training = gm.training
-            gm.eval()
-            with torch.no_grad(), progress_bar("calibrate", total=images, unit="img", quiet=ctx.quiet) as bar:
-                for batch in batches:
-                    gm(batch.to(ctx.device))
-                    bar.advance(len(batch))
-            gm.train(was_training)
-        finally:
-            for q in act_qs:
-                q.observe(False)
-            for q in quantizers(gm).values():
-                q.enabled = saved[id(q)]
+        # weights stay FP while observing, so activations are the FP model's
+        with bypassed(q for q in quantizers(gm).values() if id(q) in weight_qs):
+            try:
+                for q in act_qs:
+                    q.observe(True)
+                was_training = gm.training
+                gm.eval()
+                with torch.no_grad(), progress_bar("calibrate", total=images, unit="img", quiet=ctx.quiet) as bar:
+                    for batch in batches:
+                        gm(batch.to(ctx.device))
+                        bar.advance(len(batch))
+                gm.train(was_training)
+            finally:
+                for q in act_qs:
+                    q.observe(False)
         for q in act_qs:
             q.init_from_observed()
         ctx.record[self.name] = {"images": images, "method": o.method, "weight_method": o.weight_method,

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_property, register_pass
-from vitqc.passes.insert_quantizers import quantizers, replace_submodule
+from vitqc.passes.insert_quantizers import bypassed, quantizers, replace_submodule
 from vitqc.quant.modules import ChannelFactors, QuantLinear, RescaledLayerNorm
 
 # ops that move tokens but never mix or reorder the last (channel) dimension
@@ -70,33 +70,27 @@ class ChannelRescale(VitqcPass):
         candidates = (self._layernorm_folds(gm) if o.layernorm else []) + \
                      (self._value_folds(gm) if o.attention_values else [])
         images = torch.cat(ctx.calib_batches())[: o.calib_images].to(ctx.device)
-        saved = {id(q): q.enabled for q in quantizers(gm).values()}
-        for q in quantizers(gm).values():
-            q.enabled = False  # verification and statistics are about the FP function
-        try:
-            with torch.no_grad():
-                input_amax = _input_channel_amax(gm, images)
-                probe = images[:2]
-                reference = gm(probe)
-                kept, rejected = [], []
-                gen = torch.Generator().manual_seed(ctx.seed)
-                for fold in candidates:
-                    random = torch.exp(torch.empty(fold.channels).uniform_(-0.7, 0.7, generator=gen))
-                    undo = _apply(gm, fold, random)
-                    try:
-                        err = float((gm(probe) - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
-                    except RuntimeError:  # e.g. a pad or slice of the channel dimension: not a fold
-                        err = float("inf")
-                    undo()
-                    if err <= o.tolerance:
-                        kept.append(fold)
-                    else:
-                        rejected.append({"producer": fold.producer, "consumers": fold.consumers, "error": err})
-                for fold in kept:
-                    _apply(gm, fold, self._smoothquant(gm, fold, input_amax))
-        finally:
-            for q in quantizers(gm).values():
-                q.enabled = saved[id(q)]
+        # verification and statistics are about the FP function
+        with bypassed(quantizers(gm).values()), torch.no_grad():
+            input_amax = _input_channel_amax(gm, images)
+            probe = images[:2]
+            reference = gm(probe)
+            kept, rejected = [], []
+            gen = torch.Generator().manual_seed(ctx.seed)
+            for fold in candidates:
+                random = torch.exp(torch.empty(fold.channels).uniform_(-0.7, 0.7, generator=gen))
+                undo = _apply(gm, fold, random)
+                try:
+                    err = float((gm(probe) - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+                except RuntimeError:  # e.g. a pad or slice of the channel dimension: not a fold
+                    err = float("inf")
+                undo()
+                if err <= o.tolerance:
+                    kept.append(fold)
+                else:
+                    rejected.append({"producer": fold.producer, "consumers": fold.consumers, "error": err})
+            for fold in kept:
+                _apply(gm, fold, self._smoothquant(gm, fold, input_amax))
         gm.recompile()
         gm._vitqc_rescaled = True
         ctx.record[self.name] = {"folds": [vars(f) for f in kept], "rejected": rejected}

@@ -13,9 +13,10 @@ Quantizers start uninitialised: ``calibrate`` (or a later pass) sets their range
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Iterable, Iterator, Literal
 
 import torch
 from torch import fx, nn
@@ -31,6 +32,20 @@ SOFTMAX_FUNCTIONS = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.so
 
 def quantizers(gm: nn.Module) -> dict[str, UniformQuantizer]:
     return {name: m for name, m in gm.named_modules() if isinstance(m, UniformQuantizer)}
+
+
+@contextlib.contextmanager
+def bypassed(qs: Iterable[UniformQuantizer]) -> Iterator[None]:
+    """Let ``qs`` pass their input through (FP) inside the block; each gets its own setting back after."""
+    qs = list(qs)
+    saved = [q.enabled for q in qs]
+    for q in qs:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for q, enabled in zip(qs, saved):
+            q.enabled = enabled
 
 
 @graph_property("quantized")
