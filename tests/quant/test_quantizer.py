@@ -454,3 +454,31 @@ def test_integer_rejects_token_granularity() -> None:
     q = sym4(granularity="token").init_from_tensor(torch.randn(2, 4))
     with pytest.raises(ValueError, match="token"):
         q.integer(torch.randn(2, 4))
+
+
+def test_a_new_observation_samples_the_same_whatever_was_observed_before():
+    g = torch.Generator().manual_seed(0)
+    first, second = torch.randn(50_000, generator=g), torch.randn(40_000, generator=g)
+    fresh = UniformQuantizer(bits=4, symmetric=False, granularity="tensor", init="mse", max_samples=1000)
+    used = UniformQuantizer(bits=4, symmetric=False, granularity="tensor", init="mse", max_samples=1000)
+    used.observe(True)
+    used(first)  # an earlier observation (e.g. a search) draws from the sampler
+    used.observe(False)
+    for q in (fresh, used):
+        q.observe(True)
+        q(second)
+        q.observe(False)
+        q.init_from_observed()
+    assert torch.equal(fresh.scale, used.scale) and torch.equal(fresh.zero_point, used.zero_point)
+
+
+def test_set_bits_and_qparams_round_trip():
+    w = torch.randn(8, 16)
+    q = UniformQuantizer(bits=4, symmetric=True, granularity="channel").init_from_tensor(w)
+    at4 = q.qparams()
+    q.set_bits(8).init_from_tensor(w)
+    assert not torch.equal(q.scale, at4["scale"])
+    q.set_bits(4).load_qparams(at4)
+    assert torch.equal(q(w), UniformQuantizer(bits=4, symmetric=True, granularity="channel").init_from_tensor(w)(w))
+    with pytest.raises(ValueError, match="symmetric only"):
+        UniformQuantizer(bits=4, symmetric=False, granularity="tensor").set_bits(1.58)

@@ -182,6 +182,7 @@ class UniformQuantizer(nn.Module):
 
         # Observer state: plain attributes, deliberately not in state_dict.
         self._observing = False
+        self._seed = int(seed)
         self._gen = torch.Generator().manual_seed(seed)
         self.reset_observer()
 
@@ -364,9 +365,12 @@ class UniformQuantizer(nn.Module):
 
     def observe(self, enabled: bool = True) -> "UniformQuantizer":
         """Enter (``True``) or leave (``False``) observing mode. While observing, forward returns its input
-        unchanged and records statistics. Entering afresh discards previously recorded statistics."""
+        unchanged and records statistics. Entering afresh discards previously recorded statistics and
+        restarts the subsample's random stream, so what a calibration records does not depend on how often
+        the quantizer observed before (e.g. during a search)."""
         if enabled and not self._observing:
             self.reset_observer()
+            self._gen.manual_seed(self._seed)
         self._observing = bool(enabled)
         return self
 
@@ -432,15 +436,39 @@ class UniformQuantizer(nn.Module):
         self._samples = merged
         self._seen = total
 
-    def init_from_observed(self) -> "UniformQuantizer":
+    def init_from_observed(self, keep_observations: bool = False) -> "UniformQuantizer":
         """Set the quantization parameters from the statistics recorded while observing, with the ``init``
-        method; frees the recorded statistics."""
+        method; frees the recorded statistics unless ``keep_observations`` (to initialise again, e.g. at
+        another bit width)."""
         if self._observing:
             raise RuntimeError("call observe(False) before init_from_observed()")
         if self._samples is None or self._run_min is None or self._run_max is None:
             raise RuntimeError("init_from_observed(): nothing was observed (run calibration batches in observe mode)")
         self._initialize(self._samples, self._run_min, self._run_max)
-        self.reset_observer()
+        if not keep_observations:
+            self.reset_observer()
+        return self
+
+    def set_bits(self, bits: float) -> "UniformQuantizer":
+        """Change the bit width. The range parameters are left as they are: initialise again (or
+        :meth:`load_qparams` ones made at this width) before use."""
+        bits = self._validate_bits(bits)
+        if bits == TERNARY_BITS and not self.symmetric:
+            raise ValueError("ternary quantization (bits=1.58) is symmetric only")
+        self.bits = bits
+        return self
+
+    def qparams(self) -> dict[str, Tensor]:
+        """A detached copy of the range parameters (scale and zero point, or the token clip ratio)."""
+        names = ("clip_ratio",) if self.granularity == "token" else ("scale", "zero_point")
+        return {n: getattr(self, n).detach().clone() for n in names}
+
+    def load_qparams(self, params: dict[str, Tensor]) -> "UniformQuantizer":
+        """Set the range parameters from :meth:`qparams` output (the quantizer counts as initialised)."""
+        for name, value in params.items():
+            self._set(name, value, param=name != "zero_point" or not self.symmetric)
+        self.initialized.fill_(True)
+        self._is_init = True
         return self
 
     @torch.no_grad()
