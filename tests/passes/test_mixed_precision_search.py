@@ -1,0 +1,155 @@
+import random
+
+import pytest
+import torch
+
+import vitqc
+from tests.conftest import tiny_vit
+from vitqc.passes import mixed_precision_search as mps
+from vitqc.pipeline import Pipeline, load_pipeline
+from vitqc.quant.modules import INT_LAYERS, QUANT_LAYERS
+
+
+def search_pipeline(**options):
+    opts = {"population": 6, "generations": 3, "images": 32, **options}
+    return Pipeline.from_list([
+        "canonicalize", ("insert_quantizers", {"weight_bits": 4, "act_bits": 4, "keep": {"head": 8}}),
+        ("mixed_precision_search", opts),
+    ])
+
+
+def searched(calib, **options):
+    gm = vitqc.compile(tiny_vit(), search_pipeline(**options), calib, quiet=True)
+    return gm, gm.meta["vitqc"]["record"]
+
+
+def test_assignment_meets_the_budget_and_is_at_least_as_fit_as_uniform(calib):
+    gm, record = searched(calib)
+    r = record["mixed_precision_search"]
+    assert r["average_weight_bits"] <= 4.0 + 1e-9 and r["average_act_bits"] <= 4.0 + 1e-9
+    # uniform W4A4 is in the first population and elites survive, so the result can only be as fit or fitter
+    assert r["uniform_fitness"] is not None and r["fitness"] <= r["uniform_fitness"]
+    assert r["best_per_generation"] == sorted(r["best_per_generation"], reverse=True)
+    # recomputing the averages from the modules themselves gives the recorded numbers
+    layers = {p: m for p, m in gm.named_modules() if isinstance(m, QUANT_LAYERS) and p != "head"}
+    w = sum(m.weight.numel() * m.weight_quantizer.bits for m in layers.values()) / sum(
+        m.weight.numel() for m in layers.values())
+    assert w == pytest.approx(r["average_weight_bits"], abs=1e-4)
+    assert gm.get_submodule("head").weight_quantizer.bits == 8  # fixed layers keep their width
+
+
+def test_layer_table_and_quantizers_carry_the_chosen_widths(calib):
+    gm, record = searched(calib, weight_choices=[3, 4, 8], act_choices=[4, 8], act_bits=6.0)
+    chosen = {row["path"]: row for row in record["mixed_precision_search"]["layers"]}
+    table = {row["path"]: row for row in record["insert_quantizers"]["layers"]}
+    for path, row in chosen.items():
+        if "weight_bits" in row:
+            module = gm.get_submodule(path)
+            assert module.weight_quantizer.bits == row["weight_bits"] == table[path]["weight_bits"]
+            assert module.input_quantizer.bits == row["act_bits"] == table[path]["act_bits"]
+        else:  # an attention group: every matmul/softmax entry of that module has the group's width
+            entries = [t for p, t in table.items() if p.rpartition(".")[0] == path and t["kind"] in ("matmul", "softmax")]
+            assert entries and all(t["act_bits"] == row["act_bits"] for t in entries)
+    assert any(row.get("act_bits") == 8 for row in chosen.values())  # a 6-bit budget lets some layers reach 8
+
+
+def test_same_seed_gives_the_same_assignment(calib):
+    a = searched(calib)[1]["mixed_precision_search"]
+    b = searched(calib)[1]["mixed_precision_search"]
+    assert a["layers"] == b["layers"] and a["fitness"] == b["fitness"]
+
+
+def test_model_size_budget(calib):
+    gm, record = searched(calib, model_mb=0.0085)
+    r = record["mixed_precision_search"]
+    assert r["weight_mb"] <= 0.0085 + 1e-9
+    codes_bits = sum(m.weight.numel() * m.weight_quantizer.bits for m in gm.modules() if isinstance(m, QUANT_LAYERS))
+    assert codes_bits / 8e6 == pytest.approx(r["weight_mb"], abs=1e-4)
+
+
+def test_resume_continues_to_the_same_result(tmp_path, calib, monkeypatch):
+    pipe = search_pipeline(generations=4)
+    uninterrupted = vitqc.compile(tiny_vit(), pipe, calib, quiet=True).meta["vitqc"]["record"]["mixed_precision_search"]
+    real_save = mps._SearchState.save
+
+    def crash_after_second_generation(self, ctx):
+        real_save(self, ctx)
+        if self.generation == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(mps._SearchState, "save", crash_after_second_generation)
+    with pytest.raises(KeyboardInterrupt):
+        vitqc.compile(tiny_vit(), pipe, calib, quiet=True, work_dir=str(tmp_path))
+    monkeypatch.setattr(mps._SearchState, "save", real_save)
+    resumed = vitqc.compile(tiny_vit(), pipe, calib, quiet=True, work_dir=str(tmp_path), resume=True)
+    r = resumed.meta["vitqc"]["record"]["mixed_precision_search"]
+    assert r["resumed_from"] == 2
+    assert r["layers"] == uninterrupted["layers"] and r["best_per_generation"] == uninterrupted["best_per_generation"]
+
+    with pytest.raises(vitqc.VitqcError, match="other mixed_precision_search options"):
+        vitqc.compile(tiny_vit(), search_pipeline(generations=4, population=7), calib, quiet=True,
+                      work_dir=str(tmp_path), resume=True)
+
+
+def test_bad_options_fail_with_one_line(calib):
+    with pytest.raises(vitqc.VitqcError, match="activations cannot be ternary"):
+        searched(calib, act_choices=[1.58, 4])
+    with pytest.raises(vitqc.VitqcError, match="smallest width exceeds the weight budget"):
+        searched(calib, weight_bits=2.5)
+    with pytest.raises(vitqc.VitqcError, match="population >= 2"):
+        searched(calib, population=1)
+
+
+def test_repair_and_fill_fits_and_leaves_no_room():
+    genes = [mps.Gene(f"l{i}", "weight", [], size, [3, 4, 6, 8]) for i, size in enumerate((100, 50, 10))]
+    genes.append(mps.Gene("a", "act", [], 10, [4, 8]))
+    budget = mps.Budget(genes, mps.MixedPrecisionSearchOptions(weight_bits=5.0, act_bits=4.0), 0.0)
+    rng = random.Random(0)
+    for _ in range(50):
+        genome = budget.repair_and_fill([rng.randrange(4), rng.randrange(4), rng.randrange(4), rng.randrange(2)], rng)
+        assert budget.fits(genome)
+        for i, g in enumerate(genes):  # full: no single gene can go up and still fit
+            if genome[i] + 1 < len(g.choices):
+                raised = list(genome)
+                raised[i] += 1
+                assert not budget.fits(raised)
+
+
+def test_patch_contrastive_prefers_matching_tokens():
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 9, 16, generator=g)
+    close = teacher + 0.05 * torch.randn(2, 9, 16, generator=g)
+    shuffled = close[:, torch.randperm(9, generator=g)]
+    assert mps.patch_contrastive(close, teacher, 0.1) < mps.patch_contrastive(shuffled, teacher, 0.1)
+    assert mps.patch_contrastive(teacher, teacher, 0.1) < 0.05  # own token far more similar than the others
+
+
+def test_mp_joint_pipeline_ends_materialized_with_mixed_widths(calib):
+    pipe = load_pipeline("mp-joint").with_overrides([
+        "mixed_precision_search.population=4", "mixed_precision_search.generations=2",
+        "mixed_precision_search.images=32", "joint_optimize.iterations=3", "joint_optimize.batch_size=8"])
+    gm = vitqc.compile(tiny_vit(), pipe, calib, quiet=True)
+    widths = {m.weight_bits for m in gm.modules() if isinstance(m, INT_LAYERS)}
+    record = gm.meta["vitqc"]["record"]
+    assert record["mixed_precision_search"]["average_weight_bits"] <= 4.0 + 1e-9
+    assert record["joint_optimize"]["iterations"] == 3
+    assert widths <= {3, 4, 6, 8} and 8 in widths  # head and patch embedding stay at 8
+    x = calib[0]
+    assert gm(x).shape == (len(x), 5)
+
+
+def test_a_search_with_one_choice_leaves_the_rest_of_the_pipeline_unchanged(calib):
+    """The search observes activations; the calibration after it must record exactly what it would without."""
+    def run(with_search: bool):
+        steps = ["canonicalize", ("insert_quantizers", {"weight_bits": 4, "act_bits": 4, "keep": {"head": 8}})]
+        if with_search:
+            steps.append(("mixed_precision_search", {"population": 2, "elite": 1, "generations": 1, "images": 32,
+                                                     "weight_choices": [4], "act_choices": [4]}))
+        steps += [("calibrate", {"method": "mse", "max_images": 32})]
+        gm = vitqc.compile(tiny_vit(), Pipeline.from_list(steps), calib, quiet=True)
+        return {k: v for k, v in gm.state_dict().items()}
+
+    plain, searched_state = run(False), run(True)
+    assert plain.keys() == searched_state.keys()
+    for key in plain:
+        assert torch.equal(plain[key], searched_state[key]), key

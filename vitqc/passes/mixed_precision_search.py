@@ -1,0 +1,491 @@
+"""mixed_precision_search: choose a bit width per layer under a budget by evolutionary search (CLAMP-ViT).
+
+Genes: every quantized linear/conv layer has a weight gene and an input-activation gene; the attention
+quantizers of one module (both inputs of q@k^T and attn@v, and the softmax output) share one activation
+gene. Layers matching ``fixed`` (head and patch embedding by default, as the uniform pipelines keep them at
+8 bit) keep the bits insert_quantizers gave them and do not count in the averages.
+
+Budget: the parameter-weighted average weight bits of the searched layers must not exceed ``weight_bits``
+(or, with ``model_mb``, the weight codes of every quantized layer must fit in that many megabytes, scales
+not counted), and the average activation bits, weighted by elements per image, must not exceed
+``act_bits``. So uniform W4A4 is exactly at budget 4.0/4.0 and is always in the first population: the
+search can only return something at least as fit on the search images.
+
+Fitness (lower is better), against the FP model on the first ``images`` calibration images: KL(FP || q) on
+logits plus ``contrastive_weight`` times a patch-level contrastive term on the last block's tokens (each
+quantized token must be closer to its own FP token than to the image's other FP tokens, InfoNCE as in
+CLAMP-ViT). Evaluation is fast: the FP outputs are computed once, and every quantizer's range at every
+candidate width is computed once (weights from themselves, activations from FP statistics observed once),
+so a candidate costs one forward pass and no data statistics. Candidates are not fine-tuned before scoring
+(CLAMP-ViT's short per-candidate fine-tuning is not implemented).
+
+Evolution: population ``population``, ``generations`` rounds, elitism, tournament selection, uniform
+crossover, per-gene mutation; infeasible children are repaired (random genes lowered until within budget)
+and then filled (random genes raised while the budget allows). Seeded; each generation is checkpointed to
+the work directory and ``--resume`` continues from the last finished one with the same result.
+
+The chosen widths are set on the quantizers (ranges initialised by min-max at the new width; run
+``calibrate`` after), written into the layer table the artifact stores, and shown as a per-layer table.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from vitqc.errors import VitqcError
+from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_property, register_pass
+from vitqc.passes.insert_quantizers import bypassed, quantizers
+from vitqc.passes.joint_optimize import feature_scopes, with_feature_outputs
+from vitqc.progress import console, progress_bar
+from vitqc.quant.modules import QUANT_LAYERS
+from vitqc.quant.quantizer import TERNARY_BITS, UniformQuantizer
+
+CHECKPOINT_NAME = "mixed_precision_search.json"
+
+
+@graph_property("precision_searched")
+def is_precision_searched(gm: fx.GraphModule) -> bool:
+    """mixed_precision_search has set a bit width per layer."""
+    return bool(getattr(gm, "_vitqc_precision_searched", False))
+
+
+@dataclass
+class MixedPrecisionSearchOptions:
+    weight_bits: float = 4.0  # budget: average weight bits of the searched layers (parameter-weighted)
+    act_bits: float = 4.0  # budget: average activation bits (weighted by elements per image)
+    model_mb: float = 0.0  # if > 0: weight-code budget of all quantized layers in MB, instead of weight_bits
+    weight_choices: list[float] = field(default_factory=lambda: [3, 4, 6, 8])
+    act_choices: list[float] = field(default_factory=lambda: [3, 4, 6, 8])
+    fixed: list[str] = field(default_factory=lambda: ["head", "patch_embed"])  # path globs kept as inserted
+    population: int = 20
+    generations: int = 10
+    elite: int = 2
+    tournament: int = 3
+    mutation: float = 0.1  # probability that a gene is redrawn
+    images: int = 64  # calibration images the fitness is measured on
+    batch_size: int = 32
+    contrastive_weight: float = 1.0
+    temperature: float = 0.1  # of the patch-contrastive InfoNCE
+    init: str = "minmax"  # range initialisation of each candidate width: minmax | percentile | mse
+    features: list[str] = field(default_factory=lambda: ["blocks.*", "layers.*.blocks.*", "encoder.layers.*", "layers.*"])
+
+
+@dataclass
+class Gene:
+    """One searchable width: ``kind`` 'weight' or 'act', the quantizers it sets, its size for the budget."""
+
+    unit: str
+    kind: str
+    quantizers: list[UniformQuantizer]
+    size: int  # parameters (weight genes) or activation elements per image (act genes)
+    choices: list[float]
+
+
+def _fixed(path: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(path, p) or path.startswith(p + ".") for p in patterns)
+
+
+def _owner_path(quantizer_path: str) -> str:
+    return quantizer_path.rpartition(".")[0]
+
+
+# ------------------------------------------------------------------------------------------- genes
+def build_genes(gm: fx.GraphModule, o: MixedPrecisionSearchOptions, act_elements: dict[int, int]) -> list[Gene]:
+    for label, choices, allow_ternary in (("weight_choices", o.weight_choices, True), ("act_choices", o.act_choices, False)):
+        if not choices:
+            raise VitqcError(f"mixed_precision_search.{label} is empty: give bit widths such as [3, 4, 6, 8]")
+        for b in choices:
+            UniformQuantizer._validate_bits(b)
+            if b == TERNARY_BITS and not allow_ternary:
+                raise VitqcError("mixed_precision_search.act_choices: activations cannot be ternary; drop 1.58")
+    genes: list[Gene] = []
+    in_layers: set[int] = set()
+    for path, layer in gm.named_modules():
+        if not isinstance(layer, QUANT_LAYERS):
+            continue
+        in_layers.add(id(layer.weight_quantizer))
+        if layer.input_quantizer is not None:
+            in_layers.add(id(layer.input_quantizer))
+        if _fixed(path, o.fixed):
+            continue
+        genes.append(Gene(path, "weight", [layer.weight_quantizer], layer.weight.numel(), sorted(o.weight_choices)))
+        if layer.input_quantizer is not None:
+            genes.append(Gene(path, "act", [layer.input_quantizer], act_elements[id(layer.input_quantizer)],
+                              sorted(o.act_choices)))
+    groups: dict[str, list[UniformQuantizer]] = {}
+    for qpath, q in quantizers(gm).items():
+        if id(q) not in in_layers and not _fixed(_owner_path(qpath), o.fixed):
+            groups.setdefault(_owner_path(qpath), []).append(q)
+    for owner, qs in groups.items():
+        genes.append(Gene(owner, "act", qs, sum(act_elements[id(q)] for q in qs), sorted(o.act_choices)))
+    if not genes:
+        raise VitqcError("mixed_precision_search found no layer to search: run insert_quantizers first, "
+                         "and check mixed_precision_search.fixed does not cover every layer")
+    return genes
+
+
+class Budget:
+    """Feasibility of a genome (a tuple of choice indices, one per gene)."""
+
+    def __init__(self, genes: list[Gene], o: MixedPrecisionSearchOptions, fixed_weight_bits: float) -> None:
+        self.genes = genes
+        w_total = sum(g.size for g in genes if g.kind == "weight")
+        if o.model_mb > 0:
+            if not w_total:
+                raise VitqcError("mixed_precision_search.model_mb: no searched weight layer")
+            self.weight_limit = (o.model_mb * 8e6 - fixed_weight_bits) / w_total
+        else:
+            self.weight_limit = o.weight_bits
+        self.act_limit = o.act_bits
+        for kind, limit in (("weight", self.weight_limit), ("act", self.act_limit)):
+            kinds = [g for g in genes if g.kind == kind]
+            if kinds and self.average([0] * len(genes), kind) > limit + 1e-9:
+                raise VitqcError(f"mixed_precision_search: even every layer at its smallest width exceeds the "
+                                 f"{kind} budget ({limit:.3g} bits on average); raise the budget or add smaller choices")
+
+    def average(self, genome, kind: str) -> float:
+        pairs = [(g.size, g.choices[i]) for g, i in zip(self.genes, genome) if g.kind == kind]
+        total = sum(s for s, _ in pairs)
+        return sum(s * b for s, b in pairs) / total if total else 0.0
+
+    def fits(self, genome) -> bool:
+        return (self.average(genome, "weight") <= self.weight_limit + 1e-9
+                and self.average(genome, "act") <= self.act_limit + 1e-9)
+
+    def repair_and_fill(self, genome: list[int], rng: random.Random) -> tuple[int, ...]:
+        """Lower random genes until the genome fits, then raise random genes while it still fits."""
+        genome = list(genome)
+        for kind, limit in (("weight", self.weight_limit), ("act", self.act_limit)):
+            idx = [i for i, g in enumerate(self.genes) if g.kind == kind]
+            while self.average(genome, kind) > limit + 1e-9:
+                lowerable = [i for i in idx if genome[i] > 0]
+                genome[rng.choice(lowerable)] -= 1
+            while True:
+                raisable = [i for i in idx if genome[i] + 1 < len(self.genes[i].choices)]
+                rng.shuffle(raisable)
+                for i in raisable:
+                    genome[i] += 1
+                    if self.average(genome, kind) <= limit + 1e-9:
+                        break
+                    genome[i] -= 1
+                else:
+                    break
+        return tuple(genome)
+
+
+# ------------------------------------------------------------------------------------------- fitness
+def patch_contrastive(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE per image: each student token against all teacher tokens of its image, its own as positive."""
+    s = F.normalize(student_tokens.float().flatten(1, -2), dim=-1)
+    t = F.normalize(teacher_tokens.float().flatten(1, -2), dim=-1)
+    logits = s @ t.transpose(1, 2) / temperature  # [B, N, N]
+    target = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+
+class Fitness:
+    """Scores genomes against cached FP outputs, with every quantizer's range at every width precomputed."""
+
+    def __init__(self, gm: fx.GraphModule, genes: list[Gene], ctx: CompileContext, o: MixedPrecisionSearchOptions,
+                 images: list[torch.Tensor], scope: str | None) -> None:
+        self.genes, self.o, self.device = genes, o, ctx.device
+        self.images = images
+        self.teacher_out = []
+        teacher = with_feature_outputs(ctx.reference, [scope] if scope else []).to(self.device).eval()
+        with torch.no_grad():
+            for x in images:
+                out, *feats = teacher(x)
+                self.teacher_out.append((out.float(), feats[0].float() if feats else None))
+        self.student = with_feature_outputs(gm, [scope] if scope else []).to(self.device).eval()
+        self.ranges: dict[tuple[int, float], dict[str, torch.Tensor]] = {}
+        self._precompute_ranges(gm)
+
+    @torch.no_grad()
+    def _precompute_ranges(self, gm: fx.GraphModule) -> None:
+        weight_of = {id(m.weight_quantizer): m for m in gm.modules() if isinstance(m, QUANT_LAYERS)}
+        for gene in self.genes:
+            for q in gene.quantizers:
+                q.init_method = self.o.init
+                original = q.bits
+                for b in gene.choices:
+                    q.set_bits(b)
+                    if id(q) in weight_of:
+                        q.init_from_tensor(weight_of[id(q)].effective_weight())
+                    else:
+                        q.init_from_observed(keep_observations=True)
+                    self.ranges[(id(q), b)] = q.qparams()
+                q.set_bits(original)
+                q.reset_observer()
+
+    def apply(self, genome) -> None:
+        for gene, i in zip(self.genes, genome):
+            b = gene.choices[i]
+            for q in gene.quantizers:
+                q.set_bits(b)
+                q.load_qparams(self.ranges[(id(q), b)])
+
+    @torch.no_grad()
+    def __call__(self, genome) -> float:
+        self.apply(genome)
+        total, n = 0.0, 0
+        for x, (t_out, t_tok) in zip(self.images, self.teacher_out):
+            s_out, *s_feats = self.student(x)
+            kl = F.kl_div(F.log_softmax(s_out.float(), -1), F.log_softmax(t_out, -1), reduction="batchmean",
+                          log_target=True)
+            value = kl
+            if t_tok is not None and self.o.contrastive_weight > 0:
+                value = value + self.o.contrastive_weight * patch_contrastive(s_feats[0], t_tok, self.o.temperature)
+            total += float(value) * len(x)
+            n += len(x)
+        return total / n
+
+
+# ------------------------------------------------------------------------------------------- the pass
+@register_pass
+class MixedPrecisionSearch(VitqcPass):
+    name = "mixed_precision_search"
+    summary = "choose per-layer weight/activation bits under an average-bits or size budget (evolutionary search)"
+    Options = MixedPrecisionSearchOptions
+    requires = ("quantized",)
+    ensures = ("precision_searched",)
+
+    def call(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
+        o = self.options
+        if ctx.reference is None:
+            raise VitqcError("mixed_precision_search needs the FP reference model (vitqc.compile provides it)")
+        if o.population < 2 or o.generations < 1 or not 0 <= o.elite < o.population or o.tournament < 1:
+            raise VitqcError("mixed_precision_search: need population >= 2, generations >= 1, "
+                             "0 <= elite < population, tournament >= 1")
+        started = time.perf_counter()
+        gm.to(ctx.device)
+        images = torch.cat(ctx.calib_batches())[: o.images].to(ctx.device).split(o.batch_size)
+        act_elements = self._observe_activations(gm, images)
+        genes = build_genes(gm, o, act_elements)
+        searched = {id(q) for g in genes for q in g.quantizers}
+        for q in quantizers(gm).values():  # fixed layers' activation quantizers keep their width
+            if id(q) in act_elements and id(q) not in searched:
+                q.init_method = o.init
+                q.init_from_observed()
+        fixed_bits = sum(m.weight.numel() * m.weight_quantizer.bits for p, m in gm.named_modules()
+                         if isinstance(m, QUANT_LAYERS) and _fixed(p, o.fixed))
+        budget = Budget(genes, o, fixed_bits)
+        scopes = feature_scopes(ctx.reference, o.features)
+        fitness = Fitness(gm, genes, ctx, o, list(images), scopes[-1] if scopes else None)
+
+        state = _SearchState.start(ctx, o, genes, budget)
+        history = state.history
+        evaluations = len(state.scores)
+        with progress_bar(self.name, total=o.generations * o.population, unit="cand",
+                          completed=state.generation * o.population, quiet=ctx.quiet) as bar:
+            while state.generation < o.generations:
+                for genome in state.population:
+                    if genome not in state.scores:
+                        state.scores[genome] = fitness(genome)
+                        evaluations += 1
+                    bar.advance(1)
+                ranked = sorted(set(state.population), key=lambda g: (state.scores[g], g))
+                history.append(state.scores[ranked[0]])
+                bar.update(best=history[-1], generation=state.generation + 1)
+                state.generation += 1
+                if state.generation < o.generations:
+                    state.population = self._next_generation(ranked, state, budget, genes)
+                state.save(ctx)
+        best = min(state.scores, key=lambda g: (state.scores[g], g))
+        fitness.apply(best)
+        gm._vitqc_precision_searched = True
+        layers = self._assignment(genes, best)
+        _update_layer_table(ctx, genes, best)
+        uniform = state.uniform
+        ctx.record[self.name] = {
+            "layers": layers,
+            "average_weight_bits": round(budget.average(best, "weight"), 4),
+            "average_act_bits": round(budget.average(best, "act"), 4),
+            "weight_budget_bits": round(budget.weight_limit, 4), "act_budget_bits": budget.act_limit,
+            "weight_mb": round((fixed_bits + sum(g.size * g.choices[i] for g, i in zip(genes, best)
+                                                 if g.kind == "weight")) / 8e6, 4),
+            "fitness": state.scores[best],
+            "uniform_fitness": state.scores.get(uniform) if uniform is not None else None,
+            "best_per_generation": history, "evaluations": evaluations, "images": sum(len(x) for x in images),
+            "seconds": round(time.perf_counter() - started, 2), "resumed_from": state.resumed_from,
+        }
+        if not ctx.quiet:
+            console.print(assignment_table(ctx.record[self.name]))
+        return PassResult(gm, True)
+
+    @torch.no_grad()
+    def _observe_activations(self, gm: fx.GraphModule, images) -> dict[int, int]:
+        """Record FP statistics on every activation quantizer (weights bypassed) and the elements each sees
+        per image; weight quantizers get a range so the graph can run."""
+        weight_qs = {id(m.weight_quantizer) for m in gm.modules() if isinstance(m, QUANT_LAYERS)}
+        for m in gm.modules():
+            if isinstance(m, QUANT_LAYERS):
+                m.weight_quantizer.init_from_tensor(m.effective_weight())
+        act_qs = [q for q in quantizers(gm).values() if id(q) not in weight_qs]
+        elements: dict[int, int] = {}
+        def count(mod: nn.Module, args: tuple) -> None:  # a pre-hook that returns a value replaces the input
+            elements.setdefault(id(mod), args[0][0].numel())
+
+        hooks = [q.register_forward_pre_hook(count) for q in act_qs]
+        was_training = gm.training
+        gm.eval()
+        try:
+            with bypassed(q for q in quantizers(gm).values() if id(q) in weight_qs):
+                for q in act_qs:
+                    q.observe(True)
+                for x in images:
+                    gm(x)
+        finally:
+            for q in act_qs:
+                q.observe(False)
+            for h in hooks:
+                h.remove()
+            gm.train(was_training)
+        return elements
+
+    def _next_generation(self, ranked, state: "_SearchState", budget: Budget, genes: list[Gene]) -> list[tuple[int, ...]]:
+        o, rng = self.options, state.rng
+        nxt = list(ranked[: o.elite])
+        tries = 0
+        while len(nxt) < o.population:
+            a = min(rng.sample(ranked, min(o.tournament, len(ranked))), key=lambda g: (state.scores[g], g))
+            b = min(rng.sample(ranked, min(o.tournament, len(ranked))), key=lambda g: (state.scores[g], g))
+            child = [x if rng.random() < 0.5 else y for x, y in zip(a, b)]
+            for i, gene in enumerate(genes):
+                if rng.random() < o.mutation:
+                    child[i] = rng.randrange(len(gene.choices))
+            genome = budget.repair_and_fill(child, rng)
+            tries += 1
+            if genome not in nxt or tries > 50 * o.population:  # prefer distinct candidates
+                nxt.append(genome)
+        return nxt
+
+    @staticmethod
+    def _assignment(genes: list[Gene], genome) -> list[dict]:
+        rows: dict[str, dict] = {}
+        for gene, i in zip(genes, genome):
+            row = rows.setdefault(gene.unit, {"path": gene.unit})
+            row[f"{gene.kind}_bits"] = gene.choices[i]
+            row["params" if gene.kind == "weight" else "act_elements"] = gene.size
+        return list(rows.values())
+
+
+def _update_layer_table(ctx: CompileContext, genes: list[Gene], genome) -> None:
+    """Write the chosen widths into insert_quantizers' layer table (the one the artifact stores)."""
+    by_unit: dict[tuple[str, str], float] = {(g.unit, g.kind): g.choices[i] for g, i in zip(genes, genome)}
+    for layer in ctx.record.get("insert_quantizers", {}).get("layers", []):
+        if layer["kind"] in ("matmul", "softmax"):
+            bits = by_unit.get((_owner_path(layer["path"]), "act"))
+            if bits is not None:
+                layer["act_bits"] = bits
+            continue
+        for kind in ("weight", "act"):
+            bits = by_unit.get((layer["path"], kind))
+            if bits is not None:
+                layer[f"{kind}_bits"] = bits
+
+
+def assignment_table(record: dict):
+    """Rich table of a search's per-layer widths (from its record, e.g. an artifact's manifest)."""
+    from rich.table import Table
+
+    table = Table(title=f"mixed precision: W{record['average_weight_bits']:.3g} A{record['average_act_bits']:.3g} "
+                        f"on average (budget W{record['weight_budget_bits']:.3g} A{record['act_budget_bits']:.3g})")
+    for col in ("layer", "params", "W bits", "A elements/img", "A bits"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    fmt = lambda v: "" if v is None else f"{v:g}"  # noqa: E731
+    for row in record["layers"]:
+        table.add_row(row["path"], fmt(row.get("params")), fmt(row.get("weight_bits")), fmt(row.get("act_elements")),
+                      fmt(row.get("act_bits")))
+    uniform = record.get("uniform_fitness")
+    table.caption = (f"fitness {record['fitness']:.4f}" + (f" (uniform: {uniform:.4f})" if uniform is not None else "")
+                     + f"; {record['evaluations']} candidates scored on {record['images']} images in {record['seconds']:.1f}s")
+    return table
+
+
+# ------------------------------------------------------------------------------------------- search state
+@dataclass
+class _SearchState:
+    """What a resumed search needs to continue exactly: generation, population, scores and the RNG."""
+
+    generation: int
+    population: list[tuple[int, ...]]
+    scores: dict[tuple[int, ...], float]
+    history: list[float]
+    rng: random.Random
+    uniform: tuple[int, ...] | None
+    signature: str
+    resumed_from: int | None = None
+
+    @classmethod
+    def start(cls, ctx: CompileContext, o: MixedPrecisionSearchOptions, genes: list[Gene], budget: Budget) -> "_SearchState":
+        path = cls._path(ctx)
+        signature = cls._signature(o, genes)
+        if ctx.resume and path is not None and path.exists():
+            data = json.loads(path.read_text())
+            if data["signature"] != signature:
+                raise VitqcError(f"--resume: {str(path)!r} was written with other mixed_precision_search options or "
+                                 f"another model; delete it or compile without --resume")
+            rng = random.Random()
+            rng.setstate(_tuples(data["rng"]))
+            return cls(data["generation"], [tuple(g) for g in data["population"]],
+                       {tuple(json.loads(k)): v for k, v in data["scores"].items()}, data["history"], rng,
+                       tuple(data["uniform"]) if data["uniform"] is not None else None, signature,
+                       data["generation"])
+        rng = random.Random(ctx.seed)
+        uniform = cls._uniform(genes, o, budget)
+        population = [uniform] if uniform is not None else []
+        tries = 0
+        while len(population) < o.population:
+            genome = budget.repair_and_fill([rng.randrange(len(g.choices)) for g in genes], rng)
+            tries += 1
+            if genome not in population or tries > 50 * o.population:  # distinct unless the space is tiny
+                population.append(genome)
+        return cls(0, population, {}, [], rng, uniform, signature)
+
+    @staticmethod
+    def _uniform(genes: list[Gene], o: MixedPrecisionSearchOptions, budget: Budget) -> tuple[int, ...] | None:
+        """Every gene at the budget's own width, when that width is a choice of every gene."""
+        target = {"weight": budget.weight_limit, "act": budget.act_limit}
+        genome = []
+        for g in genes:
+            hits = [i for i, b in enumerate(g.choices) if math.isclose(b, target[g.kind])]
+            if not hits:
+                return None
+            genome.append(hits[0])
+        return tuple(genome)
+
+    @staticmethod
+    def _signature(o: MixedPrecisionSearchOptions, genes: list[Gene]) -> str:
+        opts = {k: v for k, v in vars(o).items()}
+        return json.dumps([opts, [(g.unit, g.kind, g.size, g.choices) for g in genes]], sort_keys=True, default=str)
+
+    @staticmethod
+    def _path(ctx: CompileContext) -> Path | None:
+        return Path(ctx.work_dir) / CHECKPOINT_NAME if ctx.work_dir else None
+
+    def save(self, ctx: CompileContext) -> None:
+        path = self._path(ctx)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"generation": self.generation, "population": [list(g) for g in self.population],
+                "scores": {json.dumps(list(k)): v for k, v in self.scores.items()}, "history": self.history,
+                "rng": self.rng.getstate(), "uniform": None if self.uniform is None else list(self.uniform),
+                "signature": self.signature}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+
+
+def _tuples(value):
+    """JSON turned random.Random's state tuples into lists: turn them back."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
