@@ -71,3 +71,26 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+def load_cells(name: str) -> dict:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text())["cells"] if path.exists() else {}
+
+
+def run_cell(cells, key, result_name, fn):
+    """Run one measurement unless a previous run already recorded it; write the results file after each."""
+    if key in cells:
+        print(f"{key}: {cells[key]['top1']:.4f} (recorded earlier)", flush=True)
+        return cells[key]
+    cells[key] = fn()
+    write_result(result_name, {"cells": cells, "machine": machine()})
+    c = cells[key]
+    print(f"{key}: {c['top1']:.4f}  (compile {c.get('compile_s', 0):.0f}s, eval {c['eval_s']:.0f}s)", flush=True)
+    return c
+
+
+def machine() -> str:
+    import platform
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {gpu}"

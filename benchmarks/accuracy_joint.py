@@ -1,0 +1,144 @@
+"""Issue 3's accuracy table and ablations: FP vs minmax-* vs joint-* on the reference models.
+
+    python benchmarks/accuracy_joint.py table     [--models vit_tiny_cifar10,...] [--schemes w4a4,...]
+                                                  [--iterations N] [--limit N] [--result NAME]
+    python benchmarks/accuracy_joint.py ablations [--model vit_tiny_cifar10] [--scheme w4a4]
+                                                  [--iterations N] [--limit N] [--result NAME]
+
+Full test sets by default; calibration images from ../shared (cifar10/calib, 1,000 images; MNIST: its own
+1,000-digit calib slice). `--iterations` overrides every joint pipeline's iteration count (default: the
+pipeline's own). Each finished cell is written to benchmarks/results/NAME.json at once and a rerun with the
+same NAME skips the cells already there, so an interrupted run resumes where it stopped.
+
+Ablations (one model, one scheme, same iterations): joint (the pipeline as shipped) vs the same optimizer
+run block by block, without channel_rescale, without weight_refine, and with 32 / 256 / 1000 calibration
+images for the optimization (initialisation always uses the first 32).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+
+import torch
+
+from common import Timer, decode_eval_set, load_cells, load_reference_model, require_shared, run_cell, top1
+
+SCHEMES = ("w8a8", "w4a4", "w3a3", "w1.58a8")
+
+
+def without(pipeline, *names):
+    """The pipeline with the named passes removed (an ablation)."""
+    pipe = copy.deepcopy(pipeline)
+    pipe.steps = [s for s in pipe.steps if s.name not in names]
+    pipe.name = f"{pipeline.name}-without-{'-'.join(names)}"
+    return pipe
+
+
+def compiled_cell(module, pipeline, calib, test, iterations, **overrides):
+    import vitqc
+    from vitqc.pipeline import load_pipeline
+
+    pipe = load_pipeline(pipeline)
+    if iterations is not None and any(s.name == "joint_optimize" for s in pipe.steps):
+        overrides["joint_optimize__iterations"] = iterations
+    with Timer() as tc:
+        q = vitqc.compile(copy.deepcopy(module), pipe, calib, quiet=True, **overrides)
+    with Timer() as te:
+        acc = top1(q, test)
+    its = next((s.options.get("iterations") for s in pipe.steps if s.name == "joint_optimize"), None)
+    return {"top1": acc, "compile_s": round(tc.seconds, 1), "eval_s": round(te.seconds, 1),
+            "iterations": overrides.get("joint_optimize__iterations", its),
+            "calib_images": sum(len(b) for b in calib)}
+
+
+def fp_cell(module, test):
+    with Timer() as te:
+        acc = top1(module, test)
+    return {"top1": acc, "eval_s": round(te.seconds, 1)}
+
+
+def table(args) -> None:
+    from vitqc.data import load_calibration
+
+    cells = load_cells(args.result)
+    for name in args.models.split(","):
+        module, pre, eval_dir, calib_dir, _ = load_reference_model(name)
+        calib = load_calibration(calib_dir, pre, size=None, seed=0, batch_size=50)
+        test = decode_eval_set(eval_dir, pre, limit=args.limit)
+        run_cell(cells, f"{name}/fp32", args.result, lambda: fp_cell(module, test))
+        for scheme in args.schemes.split(","):
+            for family in ("minmax", "joint"):
+                run_cell(cells, f"{name}/{family}-{scheme}", args.result,
+                         lambda: compiled_cell(module, f"{family}-{scheme}", calib, test, args.iterations))
+    print_table(cells, args.models.split(","), args.schemes.split(","))
+
+
+def ablations(args) -> None:
+    from vitqc.data import load_calibration
+    from vitqc.pipeline import load_pipeline
+
+    cells = load_cells(args.result)
+    module, pre, eval_dir, calib_dir, _ = load_reference_model(args.model)
+    calib = load_calibration(calib_dir, pre, size=None, seed=0, batch_size=32)
+    test = decode_eval_set(eval_dir, pre, limit=args.limit)
+    joint = load_pipeline(f"joint-{args.scheme}")
+    flat = torch.cat(calib)
+    variants = {
+        "fp32": lambda: fp_cell(module, test),
+        "joint": lambda: compiled_cell(module, joint, calib, test, args.iterations),
+        "blockwise": lambda: compiled_cell(module, joint, calib, test, args.iterations, joint_optimize__mode="blockwise"),
+        "no-rescale": lambda: compiled_cell(module, without(joint, "channel_rescale"), calib, test, args.iterations),
+        "no-refine": lambda: compiled_cell(module, without(joint, "weight_refine"), calib, test, args.iterations),
+        "calib-32": lambda: compiled_cell(module, joint, list(flat[:32].split(32)), test, args.iterations),
+        "calib-256": lambda: compiled_cell(module, joint, list(flat[:256].split(32)), test, args.iterations),
+        "calib-1000": lambda: compiled_cell(module, joint, calib, test, args.iterations),
+    }
+    for label, fn in variants.items():
+        run_cell(cells, f"{args.model}/{args.scheme}/{label}", args.result, fn)
+    fp = cells[f"{args.model}/{args.scheme}/fp32"]["top1"]
+    print(f"\n{args.model} joint-{args.scheme}, {args.iterations or 'pipeline default'} iterations\n")
+    print("| variant | top-1 % | vs FP | compile s |\n|---|---|---|---|")
+    for label in variants:
+        c = cells[f"{args.model}/{args.scheme}/{label}"]
+        print(f"| {label} | {100 * c['top1']:.2f} | {100 * (c['top1'] - fp):+.2f} | {c.get('compile_s', '')} |")
+
+
+def print_table(cells, models, schemes) -> None:
+    print("\n| model | FP32 | " + " | ".join(f"minmax-{s} | joint-{s}" for s in schemes) + " |")
+    print("|---|---|" + "---|---|" * len(schemes))
+    for m in models:
+        fp = cells[f"{m}/fp32"]["top1"]
+        row = [f"{100 * fp:.2f}"]
+        for s in schemes:
+            for family in ("minmax", "joint"):
+                c = cells.get(f"{m}/{family}-{s}")
+                row.append("–" if c is None else f"{100 * c['top1']:.2f} ({100 * (c['top1'] - fp):+.2f})")
+        print(f"| {m} | " + " | ".join(row) + " |")
+    print("\njoint iterations and compile wall time (s):")
+    for key, c in cells.items():
+        if "joint" in key and "iterations" in c:
+            print(f"  {key}: {c['iterations']} iterations, {c['compile_s']} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("table")
+    t.add_argument("--models", default="vit_tiny_cifar10,vit_tiny_mnist,vits14_cifar10")
+    t.add_argument("--schemes", default=",".join(SCHEMES))
+    a = sub.add_parser("ablations")
+    a.add_argument("--model", default="vit_tiny_cifar10")
+    a.add_argument("--scheme", default="w4a4")
+    for p in (t, a):
+        p.add_argument("--iterations", type=int, default=None, help="override every joint pipeline's iterations")
+        p.add_argument("--limit", type=int, default=None, help="evaluate on N test images (default: all)")
+        p.add_argument("--result", default=None, help="name of the JSON file in benchmarks/results")
+    args = ap.parse_args()
+    require_shared()
+    args.result = args.result or f"accuracy_joint_{args.what}"
+    (table if args.what == "table" else ablations)(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Issue 6: searched mixed precision vs uniform W4A4 at the same average bits, after the same joint optimization.
+
+    python benchmarks/mixed_precision.py [--model vits14_cifar10] [--iterations N] [--batch-size N]
+                                         [--population N] [--generations N] [--limit N] [--result NAME]
+
+Both arms are the same pipeline (joint-w4a4's passes and options) except that `mp-joint` runs
+mixed_precision_search (average W4 A4 from {3,4,6,8}, head and patch embed at 8 as in joint-w4a4) before
+calibrate. Calibration: ../shared cifar10/calib (or MNIST's calib slice); evaluation on the test set
+(every image unless --limit). Cells are written as they finish and a rerun skips them (resume).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+
+from common import Timer, decode_eval_set, load_cells, load_reference_model, require_shared, run_cell, top1
+
+
+def arm(module, pipeline, calib, test, overrides):
+    import vitqc
+
+    with Timer() as tc:
+        q = vitqc.compile(copy.deepcopy(module), pipeline, calib, quiet=False, set=overrides)
+    with Timer() as te:
+        acc = top1(q, test)
+    record = q.meta["vitqc"]["record"]
+    cell = {"top1": acc, "compile_s": round(tc.seconds, 1), "eval_s": round(te.seconds, 1), "overrides": overrides,
+            "joint_seconds": record["joint_optimize"]["seconds"]}
+    if "mixed_precision_search" in record:
+        cell["search"] = record["mixed_precision_search"]
+    return cell
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="vits14_cifar10")
+    ap.add_argument("--iterations", type=int, default=None, help="joint_optimize iterations of both arms")
+    ap.add_argument("--batch-size", type=int, default=None, help="joint_optimize batch size of both arms")
+    ap.add_argument("--population", type=int, default=None)
+    ap.add_argument("--generations", type=int, default=None)
+    ap.add_argument("--search-images", type=int, default=None)
+    ap.add_argument("--limit", type=int, default=None, help="evaluate on N test images (default: all)")
+    ap.add_argument("--result", default=None)
+    args = ap.parse_args()
+    require_shared()
+    from vitqc.data import load_calibration
+
+    result = args.result or f"mixed_precision_{args.model}"
+    cells = load_cells(result)
+    module, pre, eval_dir, calib_dir, _ = load_reference_model(args.model)
+    calib = load_calibration(calib_dir, pre, size=None, seed=0, batch_size=32)
+    test = decode_eval_set(eval_dir, pre, limit=args.limit)
+    joint = [f"joint_optimize.{k}={v}" for k, v in (("iterations", args.iterations), ("batch_size", args.batch_size))
+             if v is not None]
+    search = [f"mixed_precision_search.{k}={v}" for k, v in (("population", args.population),
+              ("generations", args.generations), ("images", args.search_images)) if v is not None]
+    with Timer() as t:
+        fp = top1(module, test)
+    run_cell(cells, "fp32", result, lambda: {"top1": fp, "eval_s": round(t.seconds, 1)})
+    run_cell(cells, "joint-w4a4", result, lambda: arm(module, "joint-w4a4", calib, test, joint))
+    run_cell(cells, "mp-joint", result, lambda: arm(module, "mp-joint", calib, test, joint + search))
+
+    s = cells["mp-joint"]["search"]
+    print(f"\n{args.model}, {len(test) and sum(len(y) for _, y in test)} test images, joint {joint or 'pipeline defaults'}")
+    print("| pipeline | avg W bits | avg A bits | top-1 % | vs FP | search fitness | compile s |\n|---|---|---|---|---|---|---|")
+    print(f"| FP32 | 32 | 32 | {100 * fp:.2f} | | | |")
+    print(f"| joint-w4a4 (uniform) | 4 | 4 | {100 * cells['joint-w4a4']['top1']:.2f} | "
+          f"{100 * (cells['joint-w4a4']['top1'] - fp):+.2f} | {s['uniform_fitness']:.4f} | {cells['joint-w4a4']['compile_s']} |")
+    print(f"| mp-joint (searched) | {s['average_weight_bits']:.3f} | {s['average_act_bits']:.3f} | "
+          f"{100 * cells['mp-joint']['top1']:.2f} | {100 * (cells['mp-joint']['top1'] - fp):+.2f} | {s['fitness']:.4f} | "
+          f"{cells['mp-joint']['compile_s']} |")
+    print(f"\nsearch: {s['evaluations']} candidates on {s['images']} images in {s['seconds']} s")
+    print("| layer | W bits | A bits |\n|---|---|---|")
+    for row in s["layers"]:
+        print(f"| {row['path']} | {row.get('weight_bits', '')} | {row.get('act_bits', '')} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
