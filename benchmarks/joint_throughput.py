@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import time
 
 import timm
 import torch

@@ -14,13 +14,9 @@ import torch
 from torch import fx, nn
 
 from vitqc.progress import progress_bar
+from vitqc.scopes import last_nodes
 
 __all__ = ["LayerTaps", "Comparison", "compare", "top1"]
-
-
-def _scope_paths(node: fx.Node) -> list[str]:
-    stack = node.meta.get("nn_module_stack") or {}
-    return [entry[0] for entry in stack.values() if isinstance(entry, tuple) and isinstance(entry[0], str)]
 
 
 class LayerTaps(fx.Interpreter):
@@ -29,13 +25,7 @@ class LayerTaps(fx.Interpreter):
     def __init__(self, module: fx.GraphModule, paths: Iterable[str]) -> None:
         super().__init__(module)
         wanted = set(paths)
-        last: dict[str, fx.Node] = {}
-        for node in module.graph.nodes:
-            if node.op != "call_function":
-                continue
-            for path in _scope_paths(node):
-                if path in wanted:
-                    last[path] = node
+        last = last_nodes(module.graph, wanted, ops=("call_function",))  # exported programs: aten calls only
         self.tap_of = {node: path for path, node in last.items()}
         self.missing = sorted(wanted - set(last))
         self.values: dict[str, torch.Tensor] = {}

@@ -19,7 +19,6 @@ Not implemented yet: activation checkpointing.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
 import os
 import time
@@ -37,6 +36,7 @@ from vitqc.passes.insert_quantizers import quantizers
 from vitqc.passes.weight_refine import refinement_penalty
 from vitqc.progress import progress_bar
 from vitqc.quant.modules import QUANT_LAYERS, ChannelFactors
+from vitqc.scopes import block_scopes, with_scope_outputs
 
 CHECKPOINT_NAME = "joint_optimize.ckpt"
 
@@ -63,52 +63,6 @@ class JointOptimizeOptions:
     mode: Literal["joint", "blockwise"] = "joint"
     checkpoint_every: int = 200
     amp: bool = True  # bf16 autocast on CUDA
-
-
-# ------------------------------------------------------------------------------------------- feature taps
-def _scopes(node: fx.Node) -> set[str]:
-    owner = node.meta.get("vitqc_owner")
-    paths = set()
-    if owner:
-        parts = owner.split(".")
-        paths.update(".".join(parts[: i + 1]) for i in range(len(parts)))
-    for entry in (node.meta.get("nn_module_stack") or {}).values():
-        if isinstance(entry, tuple) and isinstance(entry[0], str) and entry[0]:
-            paths.add(entry[0])
-    return paths
-
-
-def feature_scopes(gm: fx.GraphModule, patterns: list[str]) -> list[str]:
-    """Module paths of the blocks to distil: the first pattern that matches any scope in the graph."""
-    all_scopes = set().union(*(_scopes(n) for n in gm.graph.nodes))
-    for pattern in patterns:
-        depth = pattern.count(".")
-        hits = [p for p in all_scopes if p.count(".") == depth and fnmatch.fnmatchcase(p, pattern)]
-        if hits:
-            return sorted(hits, key=lambda p: [int(x) if x.isdigit() else x for x in p.split(".")])
-    return []
-
-
-def with_feature_outputs(gm: fx.GraphModule, scopes: list[str]) -> fx.GraphModule:
-    """A GraphModule sharing ``gm``'s modules whose output is (original output, *last value of each scope)."""
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    last: dict[str, fx.Node] = {}
-    output_node = None
-    for node in gm.graph.nodes:
-        if node.op == "output":
-            output_node = node
-            continue
-        env[node] = graph.node_copy(node, lambda n: env[n])
-        if node.op in ("call_function", "call_method", "call_module"):
-            for scope in _scopes(node) & set(scopes):
-                last[scope] = env[node]
-    missing = [s for s in scopes if s not in last]
-    if missing:
-        raise VitqcError(f"joint_optimize: no graph node belongs to {missing[0]!r}; set joint_optimize.features")
-    original = fx.graph.map_arg(output_node.args[0], lambda n: env[n])
-    graph.output((original, *[last[s] for s in scopes]))
-    return fx.GraphModule(gm, graph)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -170,9 +124,9 @@ class JointOptimize(VitqcPass):
             raise VitqcError("joint_optimize needs the FP reference model (vitqc.compile provides it)")
         device = ctx.device
         images = torch.cat(ctx.calib_batches()).to(device)
-        scopes = feature_scopes(ctx.reference, o.features) if o.feature_weight > 0 else []
-        teacher = with_feature_outputs(ctx.reference, scopes).to(device).eval()
-        student = with_feature_outputs(gm, scopes).to(device)
+        scopes = block_scopes(ctx.reference, o.features) if o.feature_weight > 0 else []
+        teacher = with_scope_outputs(ctx.reference, scopes, self.name).to(device).eval()
+        student = with_scope_outputs(gm, scopes, self.name).to(device)
         for p in teacher.parameters():
             p.requires_grad_(False)
         groups = trainable_groups(gm, o)

@@ -44,10 +44,10 @@ from torch import fx, nn
 from vitqc.errors import VitqcError
 from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_property, register_pass
 from vitqc.passes.insert_quantizers import bypassed, quantizers
-from vitqc.passes.joint_optimize import feature_scopes, with_feature_outputs
 from vitqc.progress import console, progress_bar
 from vitqc.quant.modules import QUANT_LAYERS
 from vitqc.quant.quantizer import TERNARY_BITS, UniformQuantizer
+from vitqc.scopes import block_scopes, with_scope_outputs
 
 CHECKPOINT_NAME = "mixed_precision_search.json"
 
@@ -200,12 +200,12 @@ class Fitness:
         self.genes, self.o, self.device = genes, o, ctx.device
         self.images = images
         self.teacher_out = []
-        teacher = with_feature_outputs(ctx.reference, [scope] if scope else []).to(self.device).eval()
+        teacher = with_scope_outputs(ctx.reference, [scope] if scope else [], MixedPrecisionSearch.name).to(self.device).eval()
         with torch.no_grad():
             for x in images:
                 out, *feats = teacher(x)
                 self.teacher_out.append((out.float(), feats[0].float() if feats else None))
-        self.student = with_feature_outputs(gm, [scope] if scope else []).to(self.device).eval()
+        self.student = with_scope_outputs(gm, [scope] if scope else [], MixedPrecisionSearch.name).to(self.device).eval()
         self.ranges: dict[tuple[int, float], dict[str, torch.Tensor]] = {}
         self._precompute_ranges(gm)
 
@@ -278,7 +278,7 @@ class MixedPrecisionSearch(VitqcPass):
         fixed_bits = sum(m.weight.numel() * m.weight_quantizer.bits for p, m in gm.named_modules()
                          if isinstance(m, QUANT_LAYERS) and _fixed(p, o.fixed))
         budget = Budget(genes, o, fixed_bits)
-        scopes = feature_scopes(ctx.reference, o.features)
+        scopes = block_scopes(ctx.reference, o.features)
         fitness = Fitness(gm, genes, ctx, o, list(images), scopes[-1] if scopes else None)
 
         state = _SearchState.start(ctx, o, genes, budget)
