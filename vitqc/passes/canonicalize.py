@@ -25,10 +25,10 @@ from vitqc.capture import finish_graph
 from vitqc.passes.base import CompileContext, PassResult, VitqcPass, register_pass
 from vitqc.passes.decompose_mha import DecomposeMha
 from vitqc.passes.decompose_sdpa import DecomposeSdpa
+from vitqc.passes.properties import MATMUL_FUNCTIONS, SOFTMAX_FUNCTIONS
 from vitqc.passes.remove_dropout import RemoveDropout
 
-SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax, torch.Tensor.softmax)
-MATMUL_LIKE = (torch.matmul, torch.bmm, torch.Tensor.matmul)
+MATMUL_LIKE = tuple(f for f in MATMUL_FUNCTIONS if f is not operator.matmul)  # rewritten to operator.matmul
 
 
 def is_softmax(node: fx.Node) -> bool:

@@ -18,16 +18,13 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Literal
 
-import torch
 from torch import fx, nn
 
 from vitqc.capture import owner_of
 from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_property, register_pass
-from vitqc.passes.properties import MATMUL_FUNCTIONS
+from vitqc.passes.properties import MATMUL_FUNCTIONS, SOFTMAX_FUNCTIONS
 from vitqc.quant.modules import INT_LAYERS, QUANT_LAYERS, QuantConv2d, QuantLinear
 from vitqc.quant.quantizer import UniformQuantizer
-
-SOFTMAX_FUNCTIONS = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
 
 
 def quantizers(gm: nn.Module) -> dict[str, UniformQuantizer]:
@@ -55,6 +52,7 @@ def is_quantized(gm: fx.GraphModule) -> bool:
 
 
 def is_softmax(node: fx.Node) -> bool:
+    """Softmax in any form (canonicalize with normalize_ops=false leaves F.softmax/torch.softmax as they are)."""
     return ((node.op == "call_method" and node.target == "softmax")
             or (node.op == "call_function" and node.target in SOFTMAX_FUNCTIONS))
 

@@ -11,7 +11,8 @@ from vitqc.passes.base import graph_property
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout)
-MATMUL_FUNCTIONS = (torch.matmul, operator.matmul, torch.bmm)
+MATMUL_FUNCTIONS = (operator.matmul, torch.matmul, torch.bmm, torch.Tensor.matmul)  # operator.matmul: the canonical form
+SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax, torch.Tensor.softmax)
 
 
 def _modules(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
