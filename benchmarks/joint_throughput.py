@@ -1,9 +1,10 @@
 """Throughput of one joint-optimization step (teacher forward + student forward and backward + Adam).
 
     python benchmarks/joint_throughput.py [--model vit_small_patch16_224] [--batch 32] [--steps 10] [--device cuda]
+                                          [--activation-checkpointing]
 
 Random weights and random images (timing only). Prints iterations/s and peak memory (CUDA: max allocated;
-CPU: peak resident set size of the process).
+CPU: peak resident set size of the process, so compare settings in separate processes).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--bits", default="w4a4")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--activation-checkpointing", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False).eval()
@@ -37,7 +39,8 @@ def main() -> None:
         return Pipeline.from_list([
             "canonicalize", ("insert_quantizers", {"weight_bits": float(w), "act_bits": float(a)}),
             "channel_rescale", "weight_refine", ("calibrate", {"max_images": args.batch}),
-            ("joint_optimize", {"iterations": iterations, "batch_size": args.batch, "checkpoint_every": 10**9})])
+            ("joint_optimize", {"iterations": iterations, "batch_size": args.batch, "checkpoint_every": 10**9,
+                                "activation_checkpointing": args.activation_checkpointing})])
 
     # time warm-up + measured steps, and warm-up alone, in the same process: the difference is the steps
     timings = {}
@@ -49,9 +52,10 @@ def main() -> None:
         peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA max allocated)"
     else:
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS)"
-    print(f"| model | device | batch | bits | it/s | s/it | peak memory |\n|---|---|---|---|---|---|---|\n"
+    print(f"| model | device | batch | bits | activation checkpointing | it/s | s/it | peak memory |\n"
+          f"|---|---|---|---|---|---|---|---|\n"
           f"| {args.model} | {args.device} ({torch.get_num_threads()} threads) | {args.batch} | {args.bits} | "
-          f"{1 / per_step:.3f} | {per_step:.3f} | {peak} |")
+          f"{'on' if args.activation_checkpointing else 'off'} | {1 / per_step:.3f} | {per_step:.3f} | {peak} |")
 
 
 if __name__ == "__main__":

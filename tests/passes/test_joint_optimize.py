@@ -101,3 +101,32 @@ def test_iterations_and_batch_size_are_overridable():
                                                              "joint_optimize.batch_size=8"])
     step = next(s for s in pipe.instantiate() if s.name == "joint_optimize")
     assert (step.options.iterations, step.options.batch_size) == (500, 8)
+
+
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients(calib):
+    from vitqc.scopes import block_scopes, with_scope_outputs
+
+    gm = vitqc.compile(tiny_vit(), Pipeline.from_list(joint_pipeline(1).steps[:-1]), calib, quiet=True)
+    blocks = block_scopes(gm, jo.JointOptimizeOptions().features)
+    plain = with_scope_outputs(gm, blocks)
+    checkpointed = jo.checkpointed_blocks(plain, blocks)
+    wrapped = [n for n, m in checkpointed.named_children() if isinstance(m, jo._Checkpointed)]
+    assert len(wrapped) == len(blocks) == 2
+    x = calib[0]
+    grads = []
+    for model in (plain, checkpointed):
+        gm.zero_grad(set_to_none=True)
+        out, *feats = model(x)
+        (out.square().mean() + sum(f.square().mean() for f in feats)).backward()
+        grads.append({n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None})
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
+
+
+def test_activation_checkpointing_option_trains_to_the_same_result(calib):
+    a = trained_state(vitqc.compile(tiny_vit(), joint_pipeline(3), calib, quiet=True))
+    b = trained_state(vitqc.compile(tiny_vit(), joint_pipeline(3, activation_checkpointing=True), calib, quiet=True))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
