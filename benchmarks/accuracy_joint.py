@@ -1,7 +1,7 @@
 """Issue 3's accuracy table and ablations: FP vs minmax-* vs joint-* on the reference models.
 
     python benchmarks/accuracy_joint.py table     [--models vit_tiny_cifar10,...] [--schemes w4a4,...]
-                                                  [--iterations N] [--limit N] [--result NAME]
+                                                  [--iterations N] [--batch-size N] [--limit N] [--result NAME]
     python benchmarks/accuracy_joint.py ablations [--model vit_tiny_cifar10] [--scheme w4a4]
                                                   [--iterations N] [--limit N] [--result NAME]
 
@@ -35,20 +35,28 @@ def without(pipeline, *names):
     return pipe
 
 
+BATCH_SIZE: int | None = None  # --batch-size: joint_optimize batch size of every joint pipeline
+
+
 def compiled_cell(module, pipeline, calib, test, iterations, **overrides):
     import vitqc
     from vitqc.pipeline import load_pipeline
 
     pipe = load_pipeline(pipeline)
-    if iterations is not None and any(s.name == "joint_optimize" for s in pipe.steps):
-        overrides["joint_optimize__iterations"] = iterations
+    if any(s.name == "joint_optimize" for s in pipe.steps):
+        if iterations is not None:
+            overrides["joint_optimize__iterations"] = iterations
+        if BATCH_SIZE is not None:
+            overrides["joint_optimize__batch_size"] = BATCH_SIZE
     with Timer() as tc:
         q = vitqc.compile(copy.deepcopy(module), pipe, calib, quiet=True, **overrides)
     with Timer() as te:
         acc = top1(q, test)
     its = next((s.options.get("iterations") for s in pipe.steps if s.name == "joint_optimize"), None)
+    batch = next((s.options.get("batch_size") for s in pipe.steps if s.name == "joint_optimize"), None)
     return {"top1": acc, "compile_s": round(tc.seconds, 1), "eval_s": round(te.seconds, 1),
             "iterations": overrides.get("joint_optimize__iterations", its),
+            "batch_size": overrides.get("joint_optimize__batch_size", batch),
             "calib_images": sum(len(b) for b in calib)}
 
 
@@ -118,7 +126,7 @@ def print_table(cells, models, schemes) -> None:
     print("\njoint iterations and compile wall time (s):")
     for key, c in cells.items():
         if "joint" in key and "iterations" in c:
-            print(f"  {key}: {c['iterations']} iterations, {c['compile_s']} s")
+            print(f"  {key}: {c['iterations']} iterations at batch {c.get('batch_size')}, {c['compile_s']} s")
 
 
 def main() -> None:
@@ -132,11 +140,14 @@ def main() -> None:
     a.add_argument("--scheme", default="w4a4")
     for p in (t, a):
         p.add_argument("--iterations", type=int, default=None, help="override every joint pipeline's iterations")
+        p.add_argument("--batch-size", type=int, default=None, help="override every joint pipeline's batch size")
         p.add_argument("--limit", type=int, default=None, help="evaluate on N test images (default: all)")
         p.add_argument("--result", default=None, help="name of the JSON file in benchmarks/results")
     args = ap.parse_args()
     require_shared()
     args.result = args.result or f"accuracy_joint_{args.what}"
+    global BATCH_SIZE
+    BATCH_SIZE = args.batch_size
     (table if args.what == "table" else ablations)(args)
 
 
