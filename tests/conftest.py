@@ -37,3 +37,17 @@ def shared() -> Path:
     if not (SHARED / "assets").is_dir():
         pytest.skip("../shared assets are not present")
     return SHARED
+
+
+def crash_after(monkeypatch, cls, method: str, condition) -> None:
+    """Simulate a kill: ``cls.method`` runs, then raises KeyboardInterrupt when ``condition(self)`` holds.
+    ``monkeypatch.undo()`` gives the method back."""
+    real = getattr(cls, method)
+
+    def wrapped(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        if condition(self):
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(cls, method, wrapped)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import vitqc
-from tests.conftest import tiny_vit
+from tests.conftest import crash_after, tiny_vit
 from vitqc.demo import demo_calibration, demo_eval_batches, load_demo_model
 from vitqc.passes import joint_optimize as jo
 from vitqc.pipeline import Pipeline
@@ -45,17 +45,10 @@ def test_resume_continues_to_the_same_result(tmp_path, calib, monkeypatch):
     pipe = joint_pipeline(12, checkpoint_every=4)
     uninterrupted = trained_state(vitqc.compile(tiny_vit(), pipe, calib, quiet=True))
 
-    real_save = jo._RunState.save
-
-    def crash_after_second_checkpoint(self, path, gm, o):
-        real_save(self, path, gm, o)
-        if self.step == 8:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(jo._RunState, "save", crash_after_second_checkpoint)
+    crash_after(monkeypatch, jo._RunState, "save", lambda state: state.step == 8)  # after the second checkpoint
     with pytest.raises(KeyboardInterrupt):
         vitqc.compile(tiny_vit(), pipe, calib, quiet=True, work_dir=str(tmp_path))
-    monkeypatch.setattr(jo._RunState, "save", real_save)
+    monkeypatch.undo()
     resumed = vitqc.compile(tiny_vit(), pipe, calib, quiet=True, work_dir=str(tmp_path), resume=True)
     assert resumed.meta["vitqc"]["record"]["joint_optimize"]["resumed_from"] == 8
     state = trained_state(resumed)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vitqc
-from tests.conftest import tiny_vit
+from tests.conftest import crash_after, tiny_vit
 from vitqc.passes import mixed_precision_search as mps
 from vitqc.pipeline import Pipeline, load_pipeline
 from vitqc.quant.modules import INT_LAYERS, QUANT_LAYERS
@@ -70,17 +70,10 @@ def test_model_size_budget(calib):
 def test_resume_continues_to_the_same_result(tmp_path, calib, monkeypatch):
     pipe = search_pipeline(generations=4)
     uninterrupted = vitqc.compile(tiny_vit(), pipe, calib, quiet=True).meta["vitqc"]["record"]["mixed_precision_search"]
-    real_save = mps._SearchState.save
-
-    def crash_after_second_generation(self, ctx):
-        real_save(self, ctx)
-        if self.generation == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(mps._SearchState, "save", crash_after_second_generation)
+    crash_after(monkeypatch, mps._SearchState, "save", lambda state: state.generation == 2)
     with pytest.raises(KeyboardInterrupt):
         vitqc.compile(tiny_vit(), pipe, calib, quiet=True, work_dir=str(tmp_path))
-    monkeypatch.setattr(mps._SearchState, "save", real_save)
+    monkeypatch.undo()
     resumed = vitqc.compile(tiny_vit(), pipe, calib, quiet=True, work_dir=str(tmp_path), resume=True)
     r = resumed.meta["vitqc"]["record"]["mixed_precision_search"]
     assert r["resumed_from"] == 2
