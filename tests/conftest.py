@@ -51,3 +51,28 @@ def crash_after(monkeypatch, cls, method: str, condition) -> None:
         return result
 
     monkeypatch.setattr(cls, method, wrapped)
+
+
+def run_cli(args, capsys):
+    """``vitqc ARGS`` in this process: (exit code, stdout, stderr)."""
+    from vitqc.cli.main import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def int_layer_io(gm, x):
+    """{path: (input, output)} of every integer layer of ``gm`` when it runs on ``x``."""
+    from vitqc.quant.modules import INT_LAYERS
+
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, (i[0], o)))
+             for name, m in gm.named_modules() if isinstance(m, INT_LAYERS)]
+    try:
+        with torch.no_grad():
+            gm(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen

@@ -1,6 +1,5 @@
 import pytest
 
-import vitqc
 from vitqc.errors import VitqcError
 from vitqc.pipeline import Pipeline, builtin_pipelines, load_pipeline
 

@@ -3,16 +3,10 @@ import pytest
 import torch
 
 import vitqc
+from tests.conftest import run_cli as run
 from tests.conftest import tiny_vit
 from vitqc.artifact import export_program, save_artifact
 from vitqc.backends.packed import load_packed
-from vitqc.cli.main import main
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import vitqc
-from tests.conftest import tiny_vit
+from tests.conftest import int_layer_io, tiny_vit
 from vitqc.backends.packed import PackedLinear, PackedMatmul, PackedPatchConv, load_packed, lower_packed, save_packed
 from vitqc.errors import VitqcError
-from vitqc.quant.modules import INT_LAYERS
 
 W4A8 = "canonicalize,insert_quantizers{weight_bits=4,act_bits=8},calibrate,materialize"
 
@@ -57,13 +56,7 @@ def test_every_packed_layer_matches_its_integer_layer_on_the_same_input(lowered)
     """Layer by layer (no error propagation): the integer kernel equals the fake-quant layer up to fp32 rounding."""
     for scheme in ("w8a8", "w4a4"):
         gm, packed = lowered[scheme]
-        seen = {}
-        hooks = [m.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, (i[0], o)))
-                 for name, m in gm.named_modules() if isinstance(m, INT_LAYERS)]
-        with torch.no_grad():
-            gm(_images(8))
-        for h in hooks:
-            h.remove()
+        seen = int_layer_io(gm, _images(8))
         assert len(seen) == 10
         for name, (inp, out) in seen.items():
             layer = packed.eager.get_submodule(name)

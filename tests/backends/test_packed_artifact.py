@@ -3,10 +3,9 @@ dynamic per-token activations (every zero-point correction of the integer GEMM).
 import torch
 
 import vitqc
-from tests.conftest import tiny_vit
+from tests.conftest import int_layer_io, tiny_vit
 from vitqc.artifact import export_program, load_artifact, save_artifact
 from vitqc.backends.packed import lower_packed
-from vitqc.quant.modules import INT_LAYERS
 
 TERNARY_A8 = "canonicalize,insert_quantizers{weight_bits=1.58,act_bits=8},calibrate,materialize"
 ASYM_TOKEN = ("canonicalize,insert_quantizers{weight_bits=4,act_bits=4,weight_symmetric=false,"
@@ -61,13 +60,7 @@ def test_asymmetric_weights_and_per_token_activations(tmp_path):
     assert _rel(got, ref) <= 1e-3 and bool((got.argmax(-1) == ref.argmax(-1)).all())
     acts = {l["act"]["granularity"] for l in packed.manifest["layers"] if l["kind"] == "linear"}
     assert acts == {"token"}
-    seen = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, (i[0], o)))
-             for name, m in gm.named_modules() if isinstance(m, INT_LAYERS)]
-    with torch.no_grad():
-        gm(_images(8))
-    for h in hooks:
-        h.remove()
+    seen = int_layer_io(gm, _images(8))
     for name, (inp, out) in seen.items():
         layer = packed.eager.get_submodule(name)
         if name != "patch_embed.proj":

@@ -3,15 +3,9 @@ import json
 
 import pytest
 
+from tests.conftest import run_cli as run
 from vitqc.artifact import load_artifact
 from vitqc.calib.cache import read_manifest
-from vitqc.cli.main import main
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_generate_then_compile_from_the_cache(tmp_path, capsys):

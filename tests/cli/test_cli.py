@@ -11,13 +11,7 @@ import torch
 from PIL import Image
 
 from vitqc.artifact import load_artifact
-from vitqc.cli.main import main
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from tests.conftest import run_cli as run
 
 
 @pytest.fixture(scope="module")

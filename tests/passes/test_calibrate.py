@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_vit
-from vitqc.passes.base import CompileContext, check_property
-from vitqc.passes.insert_quantizers import quantizers
+from vitqc.passes.base import check_property
 from vitqc.pipeline import Pipeline
 from vitqc.quant.modules import QuantLinear
 

@@ -1,10 +1,8 @@
-import pytest
 import torch
 from torch import nn
 
 import vitqc
 from tests.conftest import tiny_vit
-from vitqc.passes.base import CompileContext, get_pass
 from vitqc.passes.insert_quantizers import quantizers
 from vitqc.pipeline import Pipeline
 from vitqc.quant.modules import ChannelFactors, RescaledLayerNorm
