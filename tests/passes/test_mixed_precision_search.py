@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vitqc
-from tests.conftest import crash_after, tiny_vit
+from tests.conftest import crash_after, run_cli, tiny_vit
 from vitqc.passes import mixed_precision_search as mps
 from vitqc.pipeline import Pipeline, load_pipeline
 from vitqc.quant.modules import INT_LAYERS, QUANT_LAYERS
@@ -146,3 +146,11 @@ def test_a_search_with_one_choice_leaves_the_rest_of_the_pipeline_unchanged(cali
     assert plain.keys() == searched_state.keys()
     for key in plain:
         assert torch.equal(plain[key], searched_state[key]), key
+
+
+def test_cli_refuses_bad_choices_before_any_work(tmp_path, capsys):
+    out = tmp_path / "m.vitqc"
+    code, _, err = run_cli(["compile", "demo", "--pipeline", "mp-joint", "--set",
+                            "mixed_precision_search.act_choices=[1.58,4]", "--out", out], capsys)
+    assert code == 2 and err.strip() == "error: mixed_precision_search.act_choices: activations cannot be ternary; drop 1.58"
+    assert not out.exists() and not list(tmp_path.iterdir())

@@ -46,7 +46,7 @@ from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_prope
 from vitqc.passes.insert_quantizers import bypassed, quantizers
 from vitqc.progress import console, progress_bar
 from vitqc.quant.modules import QUANT_LAYERS
-from vitqc.quant.quantizer import TERNARY_BITS, UniformQuantizer
+from vitqc.quant.quantizer import TERNARY_BITS, VALID_BITS, UniformQuantizer
 from vitqc.scopes import block_scopes, with_scope_outputs
 
 CHECKPOINT_NAME = "mixed_precision_search.json"
@@ -78,6 +78,22 @@ class MixedPrecisionSearchOptions:
     init: str = "minmax"  # range initialisation of each candidate width: minmax | percentile | mse
     features: list[str] = field(default_factory=lambda: ["blocks.*", "layers.*.blocks.*", "encoder.layers.*", "layers.*"])
 
+    def __post_init__(self) -> None:  # checked when the pipeline is read, before any work
+        for label, choices in (("weight_choices", self.weight_choices), ("act_choices", self.act_choices)):
+            if not choices:
+                raise VitqcError(f"mixed_precision_search.{label} is empty: give bit widths such as [3, 4, 6, 8]")
+            bad = [b for b in choices if float(b) not in map(float, VALID_BITS)]
+            if bad:
+                raise VitqcError(f"mixed_precision_search.{label}: {bad[0]} is not a bit width vitqc quantizes to "
+                                 f"({', '.join(f'{b:g}' for b in VALID_BITS)})")
+        if TERNARY_BITS in map(float, self.act_choices):
+            raise VitqcError("mixed_precision_search.act_choices: activations cannot be ternary; drop 1.58")
+        if self.population < 2 or self.generations < 1 or not 0 <= self.elite < self.population or self.tournament < 1:
+            raise VitqcError("mixed_precision_search: need population >= 2, generations >= 1, "
+                             "0 <= elite < population, tournament >= 1")
+        if self.init not in ("minmax", "percentile", "mse"):
+            raise VitqcError(f"mixed_precision_search.init must be minmax, percentile or mse, not {self.init!r}")
+
 
 @dataclass
 class Gene:
@@ -100,13 +116,6 @@ def _owner_path(quantizer_path: str) -> str:
 
 # ------------------------------------------------------------------------------------------- genes
 def build_genes(gm: fx.GraphModule, o: MixedPrecisionSearchOptions, act_elements: dict[int, int]) -> list[Gene]:
-    for label, choices, allow_ternary in (("weight_choices", o.weight_choices, True), ("act_choices", o.act_choices, False)):
-        if not choices:
-            raise VitqcError(f"mixed_precision_search.{label} is empty: give bit widths such as [3, 4, 6, 8]")
-        for b in choices:
-            UniformQuantizer._validate_bits(b)
-            if b == TERNARY_BITS and not allow_ternary:
-                raise VitqcError("mixed_precision_search.act_choices: activations cannot be ternary; drop 1.58")
     genes: list[Gene] = []
     in_layers: set[int] = set()
     for path, layer in gm.named_modules():
@@ -262,9 +271,6 @@ class MixedPrecisionSearch(VitqcPass):
         o = self.options
         if ctx.reference is None:
             raise VitqcError("mixed_precision_search needs the FP reference model (vitqc.compile provides it)")
-        if o.population < 2 or o.generations < 1 or not 0 <= o.elite < o.population or o.tournament < 1:
-            raise VitqcError("mixed_precision_search: need population >= 2, generations >= 1, "
-                             "0 <= elite < population, tournament >= 1")
         started = time.perf_counter()
         gm.to(ctx.device)
         images = torch.cat(ctx.calib_batches())[: o.images].to(ctx.device).split(o.batch_size)
