@@ -173,7 +173,7 @@ def main() -> None:
                 variants["fake-quant"] = gm
             if args.compile:
                 with Timer() as tcc:
-                    compiled = torch.compile(packed.module("call"), dynamic=False)
+                    compiled = packed.module("call", compile=True)
                     with torch.no_grad():
                         for b in args.batches.split(","):
                             compiled(torch.randn(int(b), *shape))

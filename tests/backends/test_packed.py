@@ -115,3 +115,13 @@ def test_errors_are_one_line():
         path = __import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "x.pt2"
         path.write_bytes(buf.getvalue())
         load_packed(path)
+
+
+def test_compiled_module_computes_what_the_eager_one_does(lowered):
+    _, packed = lowered["w4a8"]
+    x = _images(4)
+    with torch.no_grad():
+        eager = packed.module()(x)
+        compiled = packed.module(compile=True)(x)
+    # inductor may reorder float ops around the integer GEMMs: equal up to float rounding, same predictions
+    assert _rel(compiled, eager) <= 1e-4 and torch.equal(compiled.argmax(-1), eager.argmax(-1))

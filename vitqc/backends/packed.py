@@ -322,12 +322,18 @@ class PackedProgram:
     manifest: dict[str, Any]
     eager: fx.GraphModule | None = None  # the rewritten graph with the packed modules (not kept by save/load)
 
-    def module(self, unpack: str = "call") -> nn.Module:
-        """A callable module; ``unpack="load"`` unpacks the weights to int8 once (see :func:`fold_unpack`)."""
+    def module(self, unpack: str = "call", compile: bool = False) -> nn.Module:
+        """A callable module; ``unpack="load"`` unpacks the weights to int8 once (see :func:`fold_unpack`).
+
+        ``compile=True`` returns it through ``torch.compile`` (inductor), which fuses the quantize, unpack and
+        dequantize elementwise ops around the integer GEMMs: the fastest form on CPU (benchmarks/
+        backend_latency.py --compile), at the cost of a compile on the first call of each input shape.
+        """
         if unpack not in ("call", "load"):
             raise VitqcError(f"unpack must be 'call' or 'load', got {unpack!r}")
         gm = self.program.module()
-        return fold_unpack(gm) if unpack == "load" else gm
+        gm = fold_unpack(gm) if unpack == "load" else gm
+        return torch.compile(gm, dynamic=False) if compile else gm
 
 
 def quantized_program(source: Any, example: Tensor | None = None) -> tuple[torch.export.ExportedProgram, dict[str, float], Tensor, dict[str, Any]]:
