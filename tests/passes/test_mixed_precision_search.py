@@ -154,3 +154,15 @@ def test_cli_refuses_bad_choices_before_any_work(tmp_path, capsys):
                             "mixed_precision_search.act_choices=[1.58,4]", "--out", out], capsys)
     assert code == 2 and err.strip() == "error: mixed_precision_search.act_choices: activations cannot be ternary; drop 1.58"
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_assignment_table_lists_every_searched_layer(calib):
+    from rich.console import Console
+
+    record = searched(calib)[1]["mixed_precision_search"]
+    console = Console(record=True, width=200)
+    console.print(mps.assignment_table(record))
+    text = console.export_text()
+    for row in record["layers"]:
+        assert row["path"] in text
+    assert f"{record['evaluations']} candidates scored" in text and "uniform:" in text
