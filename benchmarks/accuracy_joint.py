@@ -22,7 +22,8 @@ import sys
 
 import torch
 
-from common import Timer, decode_eval_set, load_cells, load_reference_model, require_shared, run_cell, top1
+from common import (Timer, decode_eval_set, load_cells, load_reference_model, predictions, require_shared, run_cell,
+                    top1)
 
 SCHEMES = ("w8a8", "w4a4", "w3a3", "w1.58a8")
 
@@ -51,19 +52,28 @@ def compiled_cell(module, pipeline, calib, test, iterations, **overrides):
     with Timer() as tc:
         q = vitqc.compile(copy.deepcopy(module), pipe, calib, quiet=True, **overrides)
     with Timer() as te:
-        acc = top1(q, test)
+        preds = predictions(q, test)
+    acc = top1(q, test, preds)
+    # argmax agreement with FP: more sensitive than top-1 where the quantized model is close to FP
+    agreement = None if FP_PREDICTIONS is None else float((preds == FP_PREDICTIONS).float().mean())
     its = next((s.options.get("iterations") for s in pipe.steps if s.name == "joint_optimize"), None)
     batch = next((s.options.get("batch_size") for s in pipe.steps if s.name == "joint_optimize"), None)
-    return {"top1": acc, "compile_s": round(tc.seconds, 1), "eval_s": round(te.seconds, 1),
+    return {"top1": acc, "agreement_with_fp": agreement,
+            "compile_s": round(tc.seconds, 1), "eval_s": round(te.seconds, 1),
             "iterations": overrides.get("joint_optimize__iterations", its),
             "batch_size": overrides.get("joint_optimize__batch_size", batch),
             "calib_images": sum(len(b) for b in calib)}
 
 
+FP_PREDICTIONS: torch.Tensor | None = None  # the FP model's argmax on the current test set
+
+
 def fp_cell(module, test):
+    """Top-1 of the FP model; also keeps its predictions for the agreement of every later cell."""
+    global FP_PREDICTIONS
     with Timer() as te:
-        acc = top1(module, test)
-    return {"top1": acc, "eval_s": round(te.seconds, 1)}
+        FP_PREDICTIONS = predictions(module, test)
+    return {"top1": top1(module, test, FP_PREDICTIONS), "eval_s": round(te.seconds, 1)}
 
 
 def table(args) -> None:
@@ -74,7 +84,8 @@ def table(args) -> None:
         module, pre, eval_dir, calib_dir, _ = load_reference_model(name)
         calib = load_calibration(calib_dir, pre, size=None, seed=0, batch_size=50)
         test = decode_eval_set(eval_dir, pre, limit=args.limit)
-        run_cell(cells, f"{name}/fp32", args.result, lambda: fp_cell(module, test))
+        fp_result = fp_cell(module, test)
+        run_cell(cells, f"{name}/fp32", args.result, lambda: fp_result)
         for scheme in args.schemes.split(","):
             for family in ("minmax", "joint"):
                 run_cell(cells, f"{name}/{family}-{scheme}", args.result,
@@ -92,8 +103,9 @@ def ablations(args) -> None:
     test = decode_eval_set(eval_dir, pre, limit=args.limit)
     joint = load_pipeline(f"joint-{args.scheme}")
     flat = torch.cat(calib)
+    fp_result = fp_cell(module, test)
     variants = {
-        "fp32": lambda: fp_cell(module, test),
+        "fp32": lambda: fp_result,
         "joint": lambda: compiled_cell(module, joint, calib, test, args.iterations),
         "blockwise": lambda: compiled_cell(module, joint, calib, test, args.iterations, joint_optimize__mode="blockwise"),
         "no-rescale": lambda: compiled_cell(module, without(joint, "channel_rescale"), calib, test, args.iterations),
@@ -106,10 +118,11 @@ def ablations(args) -> None:
         run_cell(cells, f"{args.model}/{args.scheme}/{label}", args.result, fn)
     fp = cells[f"{args.model}/{args.scheme}/fp32"]["top1"]
     print(f"\n{args.model} joint-{args.scheme}, {args.iterations or 'pipeline default'} iterations\n")
-    print("| variant | top-1 % | vs FP | compile s |\n|---|---|---|---|")
+    print("| variant | top-1 % | vs FP | agreement with FP % | compile s |\n|---|---|---|---|---|")
     for label in variants:
         c = cells[f"{args.model}/{args.scheme}/{label}"]
-        print(f"| {label} | {100 * c['top1']:.2f} | {100 * (c['top1'] - fp):+.2f} | {c.get('compile_s', '')} |")
+        agree = "" if c.get("agreement_with_fp") is None else f"{100 * c['agreement_with_fp']:.2f}"
+        print(f"| {label} | {100 * c['top1']:.2f} | {100 * (c['top1'] - fp):+.2f} | {agree} | {c.get('compile_s', '')} |")
 
 
 def print_table(cells, models, schemes) -> None:

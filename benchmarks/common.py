@@ -47,12 +47,14 @@ def decode_eval_set(eval_dir: Path, preprocess, limit: int | None = None, batch_
 
 
 @torch.no_grad()
-def top1(model, batches) -> float:
-    right = total = 0
-    for x, y in batches:
-        right += int((model(x).argmax(-1) == y).sum())
-        total += len(y)
-    return right / total
+def predictions(model, batches) -> torch.Tensor:
+    """argmax of ``model`` over every image of ``batches`` (pairs of images and labels)."""
+    return torch.cat([model(x).argmax(-1) for x, _ in batches])
+
+
+def top1(model, batches, preds: torch.Tensor | None = None) -> float:
+    preds = predictions(model, batches) if preds is None else preds
+    return float((preds == torch.cat([y for _, y in batches])).float().mean())
 
 
 def write_result(name: str, payload: dict) -> Path:
