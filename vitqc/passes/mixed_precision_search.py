@@ -20,11 +20,13 @@ so a candidate costs one forward pass and no data statistics. Candidates are not
 (CLAMP-ViT's short per-candidate fine-tuning is not implemented).
 
 Evolution: population ``population``, ``generations`` rounds, elitism, tournament selection, uniform
-crossover, per-gene mutation; infeasible children are repaired (random genes lowered until within budget)
-and then filled (random genes raised while the budget allows). Seeded; each generation is checkpointed to
-the work directory and ``--resume`` continues from the last finished one with the same result.
+crossover, mutation of ``mutated_genes`` genes per child on average (a fixed probability per gene would
+scramble a ViT-S, which has ~100 genes); infeasible children are repaired (random genes lowered until within
+budget) and then filled (random genes raised while the budget allows). The first population is uniform,
+half mutants of uniform and half random assignments. Seeded; each generation is checkpointed to the work
+directory and ``--resume`` continues from the last finished one with the same result.
 
-The chosen widths are set on the quantizers (ranges initialised by min-max at the new width; run
+The chosen widths are set on the quantizers (ranges initialised by ``init`` at the new width; run
 ``calibrate`` after), written into the layer table the artifact stores, and shown as a per-layer table.
 """
 from __future__ import annotations
@@ -70,7 +72,7 @@ class MixedPrecisionSearchOptions:
     generations: int = 10
     elite: int = 2
     tournament: int = 3
-    mutation: float = 0.1  # probability that a gene is redrawn
+    mutated_genes: float = 2.0  # genes redrawn per child, on average
     images: int = 64  # calibration images the fitness is measured on
     batch_size: int = 32
     contrastive_weight: float = 1.0
@@ -88,9 +90,10 @@ class MixedPrecisionSearchOptions:
                                  f"({', '.join(f'{b:g}' for b in VALID_BITS)})")
         if TERNARY_BITS in map(float, self.act_choices):
             raise VitqcError("mixed_precision_search.act_choices: activations cannot be ternary; drop 1.58")
-        if self.population < 2 or self.generations < 1 or not 0 <= self.elite < self.population or self.tournament < 1:
+        if (self.population < 2 or self.generations < 1 or not 0 <= self.elite < self.population or self.tournament < 1
+                or self.mutated_genes < 0):
             raise VitqcError("mixed_precision_search: need population >= 2, generations >= 1, "
-                             "0 <= elite < population, tournament >= 1")
+                             "0 <= elite < population, tournament >= 1, mutated_genes >= 0")
         if self.init not in ("minmax", "percentile", "mse"):
             raise VitqcError(f"mixed_precision_search.init must be minmax, percentile or mse, not {self.init!r}")
 
@@ -366,7 +369,7 @@ class MixedPrecisionSearch(VitqcPass):
             b = min(rng.sample(ranked, min(o.tournament, len(ranked))), key=lambda g: (state.scores[g], g))
             child = [x if rng.random() < 0.5 else y for x, y in zip(a, b)]
             for i, gene in enumerate(genes):
-                if rng.random() < o.mutation:
+                if rng.random() < o.mutated_genes / len(genes):
                     child[i] = rng.randrange(len(gene.choices))
             genome = budget.repair_and_fill(child, rng)
             tries += 1
@@ -451,7 +454,12 @@ class _SearchState:
         population = [uniform] if uniform is not None else []
         tries = 0
         while len(population) < o.population:
-            genome = budget.repair_and_fill([rng.randrange(len(g.choices)) for g in genes], rng)
+            if uniform is not None and len(population) % 2 == 1:  # a mutant of uniform: explores near it
+                start = [rng.randrange(len(g.choices)) if rng.random() < 2 * o.mutated_genes / len(genes) else u
+                         for g, u in zip(genes, uniform)]
+            else:  # a random assignment: explores far from it
+                start = [rng.randrange(len(g.choices)) for g in genes]
+            genome = budget.repair_and_fill(start, rng)
             tries += 1
             if genome not in population or tries > 50 * o.population:  # distinct unless the space is tiny
                 population.append(genome)
