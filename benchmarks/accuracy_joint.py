@@ -23,17 +23,9 @@ import sys
 import torch
 
 from common import (Timer, decode_eval_set, load_cells, load_reference_model, predictions, require_shared, run_cell,
-                    top1)
+                    top1, without)
 
 SCHEMES = ("w8a8", "w4a4", "w3a3", "w1.58a8")
-
-
-def without(pipeline, *names):
-    """The pipeline with the named passes removed (an ablation)."""
-    pipe = copy.deepcopy(pipeline)
-    pipe.steps = [s for s in pipe.steps if s.name not in names]
-    pipe.name = f"{pipeline.name}-without-{'-'.join(names)}"
-    return pipe
 
 
 BATCH_SIZE: int | None = None  # --batch-size: joint_optimize batch size of every joint pipeline

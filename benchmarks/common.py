@@ -57,6 +57,18 @@ def top1(model, batches, preds: torch.Tensor | None = None) -> float:
     return float((preds == torch.cat([y for _, y in batches])).float().mean())
 
 
+def without(pipeline, *names):
+    """The pipeline (a Pipeline, or anything ``load_pipeline`` reads) with the named passes removed."""
+    import copy
+
+    from vitqc.pipeline import load_pipeline
+
+    pipe = copy.deepcopy(load_pipeline(pipeline))
+    pipe.steps = [s for s in pipe.steps if s.name not in names]
+    pipe.name = f"{pipe.name}-without-{'-'.join(names)}"
+    return pipe
+
+
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -76,3 +76,13 @@ def int_layer_io(gm, x):
         for h in hooks:
             h.remove()
     return seen
+
+
+def assert_close_but_for_code_flips(after, before, rtol=1e-5, flipped=0.1, flip_size=5e-2, argmax=1.0):
+    """``after`` equals ``before`` up to float rounding on all but a ``flipped`` share of images: there the
+    rounding moved an activation across a code boundary, a change of at most ``flip_size`` of the largest
+    logit; and at least ``argmax`` of the predictions agree."""
+    per_image = (after - before).abs().amax(-1) / before.abs().amax()
+    assert float((per_image <= rtol).float().mean()) >= 1 - flipped, per_image
+    assert float(per_image.max()) <= flip_size, per_image
+    assert float((after.argmax(-1) == before.argmax(-1)).float().mean()) >= argmax

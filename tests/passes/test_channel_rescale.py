@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 import vitqc
-from tests.conftest import tiny_vit
+from tests.conftest import assert_close_but_for_code_flips, tiny_vit
 from vitqc.passes.insert_quantizers import quantizers
 from vitqc.pipeline import Pipeline
 from vitqc.quant.modules import ChannelFactors, RescaledLayerNorm
@@ -100,7 +100,8 @@ def test_materialize_folds_factors_into_layernorm_and_weights(calib):
     assert type(q.get_submodule("blocks.0.norm1")) is nn.LayerNorm
     assert not any(isinstance(m, ChannelFactors) for m in q.modules())
     with torch.no_grad():
-        assert torch.allclose(q(x), before, atol=1e-5, rtol=1e-4)
+        after = q(x)
+    assert_close_but_for_code_flips(after, before, rtol=1e-4, argmax=0.95)  # folded factors + integer accumulation
 
 
 def test_factors_receive_gradients_when_quantized(calib):

@@ -1,12 +1,17 @@
 import torch
+import torch.nn.functional as F
 
 import vitqc
-from tests.conftest import tiny_vit
+from tests.conftest import assert_close_but_for_code_flips, int_layer_io, tiny_vit
 from vitqc.passes.base import check_property
-from vitqc.quant.modules import IntConv2d, IntLinear, QuantLinear
+from vitqc.quant.modules import IntConv2d, IntLinear, IntMatmul, QuantLinear
 
 
-def test_materialize_keeps_outputs_bit_identical_and_stores_integer_codes(calib):
+def _rel(got, ref):
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+def test_materialize_computes_in_integers_what_the_fake_quant_graph_computes(calib):
     fake = vitqc.compile(tiny_vit(), "canonicalize,insert_quantizers{weight_bits=4,act_bits=8},calibrate", calib,
                          quiet=True)
     x = torch.cat(calib)
@@ -15,8 +20,13 @@ def test_materialize_keeps_outputs_bit_identical_and_stores_integer_codes(calib)
     q = vitqc.compile(fake, "materialize", quiet=True, example=x[:1])
     with torch.no_grad():
         after = q(x)
-    assert torch.equal(before, after)
+    # same codes, exact accumulation instead of fp32 rounding of dequantized values: equal up to that rounding,
+    # except where the rounding moves an activation across a code boundary (seen: 1 image in 64, 1e-2)
+    assert_close_but_for_code_flips(after, before)
     assert check_property("materialized", q)
+    assert q.meta["vitqc"]["record"]["materialize"]["integer_matmuls"] == 4
+    matmuls = [m for m in q.modules() if isinstance(m, IntMatmul)]
+    assert len(matmuls) == 4 and not any(p.requires_grad for m in matmuls for p in m.parameters())
     fc = q.get_submodule("blocks.0.mlp.fc1")
     assert isinstance(fc, IntLinear) and isinstance(q.get_submodule("patch_embed.proj"), IntConv2d)
     assert fc.weight_codes.dtype == torch.int8
@@ -31,3 +41,21 @@ def test_ternary_codes(calib):
                       quiet=True)
     codes = q.get_submodule("blocks.0.attn.qkv").weight_codes
     assert set(codes.unique().tolist()) <= {-1, 0, 1}
+
+
+def test_each_integer_layer_is_the_dequantized_formula_on_its_own_input(calib):
+    """Layer by layer, no propagation: the integer kernel vs Q_in(x) @ dequantized_weight^T + b in float."""
+    for pipe in ("minmax-w8a8", "minmax-w4a4",
+                 "canonicalize,insert_quantizers{act_granularity='token',weight_symmetric=false},calibrate,materialize"):
+        q = vitqc.compile(tiny_vit(), pipe, calib, quiet=True)
+        seen = int_layer_io(q, torch.cat(calib)[:8])
+        assert len(seen) == 10
+        for name, (inp, out) in seen.items():
+            layer = q.get_submodule(name)
+            with torch.no_grad():
+                x = layer.quantize_input(inp)
+                if isinstance(layer, IntLinear):
+                    ref = F.linear(x, layer.dequantized_weight(), layer.bias)
+                else:
+                    ref = F.conv2d(x, layer.dequantized_weight(), layer.bias, layer.stride)
+            assert _rel(out, ref) <= 1e-5, (pipe, name)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from vitqc.backends.packed import _finish, integer_layers
+from vitqc.backends.packed import _Region, _finish, _modules_by_type, _stack_paths, integer_layers
 from vitqc.errors import VitqcError
 
 __all__ = ["PteResult", "lower_executorch", "describe_substitution", "float_program", "save_pte", "load_pte",
@@ -92,9 +92,10 @@ def float_program(source: Any, example: Tensor | None = None) -> tuple[fx.GraphM
             plans.append(_plan(path, codes, scale.reshape(-1), zp, bits_hint.get(path), act))
         else:
             convs = region.find(torch.ops.aten.conv2d.default)
-            if len(convs) != 1:
-                raise VitqcError(f"{path}: conv region without exactly one aten.conv2d")
-            args = list(convs[0].args) + [None] * 7
+            if len(convs) > 1:
+                raise VitqcError(f"{path}: conv region with {len(convs)} aten.conv2d nodes")
+            # no conv node: vitqc ran this patchify conv (stride == kernel) as patches x integer GEMM
+            args = list(convs[0].args) + [None] * 7 if convs else [None, None, None, tuple(weight.shape[2:])] + [None] * 7
             layer = nn.Conv2d(weight.shape[1] * (args[6] or 1), weight.shape[0], tuple(weight.shape[2:]),
                               stride=tuple(args[3] or (1, 1)), padding=tuple(args[4] or (0, 0)),
                               dilation=tuple(args[5] or (1, 1)), groups=args[6] or 1, bias=bias is not None)
@@ -104,9 +105,20 @@ def float_program(source: Any, example: Tensor | None = None) -> tuple[fx.GraphM
             if bias is not None:
                 layer.bias.copy_(bias)
         _swap(gm, region, inputs[0], outputs[0], path, layer)
+    matmul_paths = [p for p, _ in _modules_by_type(gm, ("IntMatmul",))]
+    for path in matmul_paths:  # integer attention matmuls: a float matmul of their inputs on device
+        region = _Region(path, [n for n in gm.graph.nodes if path in _stack_paths(n)])
+        ins, outs = region.tensor_inputs(), region.tensor_outputs()
+        if len(ins) != 2 or len(outs) != 1:
+            raise VitqcError(f"{path}: expected two tensors in and one out ({len(ins)} in / {len(outs)} out)")
+        with gm.graph.inserting_before(outs[0]):
+            plain = gm.graph.call_function(torch.ops.aten.matmul.default, (ins[0], ins[1]))
+        plain.meta["val"] = outs[0].meta.get("val")
+        outs[0].replace_all_uses_with(plain)
+    inside = tuple(p + "." for p in weight_paths + matmul_paths)
     for qp in quant_paths:  # activation quantizers outside weight layers: bypassed (fp32 on device)
         region = regions.get(qp)
-        if region is None or any(qp.startswith(wp + ".") for wp in weight_paths):
+        if region is None or qp.startswith(inside):
             continue
         ins, outs = region.tensor_inputs(), region.tensor_outputs()
         if len(ins) == 1 and len(outs) == 1:

@@ -9,40 +9,30 @@ region's ``clamp`` (the only clamp with integer bounds there). Every quantizer l
 The region is replaced by one module call and the graph re-exported, so the result is again a
 ``torch.export`` program (saved with ``torch.export.save``: raw tensors + JSON, no pickle).
 
-What runs:
+What runs: the integer kernels of :mod:`vitqc.quant.intops`, the very functions the source program's
+``IntLinear`` / ``IntConv2d`` / ``IntMatmul`` call, so the packed model is bit-identical to the artifact's
+program (same activation codes from the same float ops, exact integer accumulation, the same rescale):
 
-* ``PackedLinear`` (each ``IntLinear``): the input quantizer's codes are computed with the same float ops as
-  the fake-quantizer (bit-identical codes), shifted to int8 when the grid is [0, 255], and multiplied with the
-  weight's int8 codes by ``torch._int_mm`` (int32 accumulation; on CPU any M/K/N works, checked in the tests),
-  then ``acc * (s_x * s_w[n]) + bias``. Zero points are folded exactly:
-  ``sum_k (a - za)(r - zw[n]) = A R^T - za * (colsum R - K zw)[n] - zw[n] rowsum A`` (the last term only for
-  asymmetric weights). Static per-tensor or dynamic per-token activations, as the program says. Layers
-  without an input quantizer (weight-only) dequantize the unpacked codes and run ``F.linear`` in float.
+* ``PackedLinear`` (each ``IntLinear``): activation codes (shifted to int8 when the grid is [0, 255]) times
+  the unpacked int8 weight codes by ``torch._int_mm`` (int32 accumulation; any M/K/N on CPU), then
+  ``acc * (s_x * s_w[n]) + bias`` with zero points folded exactly (``integer_linear``). Static per-tensor or
+  dynamic per-token activations, as the program says. Layers without an input quantizer (weight-only)
+  dequantize the unpacked codes and run ``F.linear`` in float, as the source does.
 * weights are stored packed (:mod:`vitqc.backends.packing`): 8-bit as int8, 2..7-bit as dense b-bit fields,
   ternary as 2 bits or 5 trits a byte (``ternary="2bit"|"base3"``); the forward unpacks them to int8 each call
   (``unpack="call"``) or :func:`fold_unpack` does it once at load (``unpack="load"``: int8 in memory, packed
   on disk).
 * ``PackedPatchConv`` (an ``IntConv2d`` whose stride equals its kernel, no padding/dilation/groups, i.e. a
-  ViT patch embedding): patches are gathered from the int8 image codes and go through the same int8 GEMM.
-  Other convolutions keep their fake-quant form (int8 codes, float conv) and are listed as not lowered.
-* ``PackedMatmul`` (``q @ k^T`` and ``attn @ v``, both inputs quantized): the centered integer codes go through
-  an fp32 GEMM, which is exact integer arithmetic while ``K * max|a| * max|b| < 2^24`` (K = head dim or the
-  token count, codes <= 255: K <= 258), then one multiply by ``s_a * s_b``. PyTorch has no batched int8
-  GEMM on CPU (``_int_mm`` is 2-D only), so this path saves the two dequantizations, not GEMM time. A per-token
-  quantized *right* operand varies along the contraction and is dequantized before the GEMM.
-
-Agreement with the fake-quant program is up to float rounding of the accumulation (codes are identical;
-each layer matches its integer layer to ~1e-6 relative, tested). A rounding difference can still flip one
-activation code of a later quantizer, and some models amplify such flips: on vits14_cifar10 at W8A8 the
-packed model agrees with the fake-quant program on 95.7 % of CIFAR-10 argmaxes, the fake-quant program with
-its linears accumulated in float64 agrees with itself in float32 on 96.2 % (benchmarks/backend_latency.py
---agreement), so no non-bit-identical kernel can reach 1e-3 end to end there; on the tiny test ViT it is ~1e-7.
+  ViT patch embedding): patches of the image codes through the same int8 GEMM. Other convolutions keep the
+  source's form (int8 codes, float conv) and are listed as not lowered.
+* the attention matmuls (``IntMatmul``) already run on integer codes in the source program and are kept as
+  they are: an fp32 GEMM of integer codes (exact below 2^24; PyTorch has no batched int8 GEMM on CPU).
 
 Speed: the eager program runs every quantize/dequantize as separate elementwise ops;
 ``torch.compile(packed.module())`` (inductor) fuses them around the int8 GEMMs (measured in the benchmark).
 
-Not done: CUDA is not verified (no GPU here; CUDA ``_int_mm`` needs M > 16 and K, N multiples of 8, which
-the head of a 10-class model violates, and nothing pads for it), no Triton kernels, no integer kernel for
+Not done: CUDA is not verified (no GPU here; off the CPU, ``int8_matmul`` accumulates in float64, exact but
+not fast, because CUDA's ``_int_mm`` needs M > 16 and K, N multiples of 8 and nothing pads for it yet), no Triton kernels, no int8 kernel for
 the attention matmuls (fp32 GEMM of integer codes, see above), per-channel activation quantizers and
 non-patchify convolutions stay in fake-quant form (listed in the manifest's ``not_lowered``).
 """
@@ -61,13 +51,13 @@ from torch import Tensor, fx, nn
 
 from vitqc.backends import packing
 from vitqc.errors import VitqcError
+from vitqc.quant.intops import EPS as _EPS, act_codes, integer_linear, patches, shift_for
 
-__all__ = ["ActQuant", "PackedLinear", "PackedPatchConv", "PackedMatmul", "PackedProgram", "lower_packed",
+__all__ = ["ActQuant", "PackedLinear", "PackedPatchConv", "PackedProgram", "lower_packed",
            "save_packed", "load_packed", "fold_unpack", "quantized_program", "PACKED_FORMAT"]
 
 PACKED_FORMAT = "vitqc-packed/1"
 MANIFEST_NAME = "vitqc-packed.json"
-_EPS = 1e-8  # UniformQuantizer's smallest scale
 TERNARY_BITS = 1.58
 _CLAMP = (torch.ops.aten.clamp.default,)
 _ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
@@ -90,11 +80,6 @@ class ActQuant:
     @property
     def symmetric(self) -> bool:
         return self.qmin < 0  # UniformQuantizer: asymmetric grids start at 0, symmetric ones below 0
-
-    @property
-    def shift(self) -> int:
-        """Subtracted from the codes so that they fit int8 (only the asymmetric 8-bit grid [0, 255] needs it)."""
-        return 128 if self.qmax > 127 else 0
 
     def describe(self) -> dict[str, Any]:
         bits = 1.58 if (self.qmin, self.qmax) == (-1, 1) else (self.qmax - self.qmin + 1).bit_length() - 1
@@ -119,29 +104,12 @@ class _ActBuffers(nn.Module):
             self.register_buffer("clip_ratio", q.clip_ratio.detach().float().reshape(()).clamp_min(_EPS).clone())
 
     def codes(self, x: Tensor, shift: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-        """``(q - shift, s, z)``: float integer codes ``clamp(round(x/s) + z, qmin, qmax)`` computed with exactly
-        the fake-quantizer's float ops, the scale (0-d, or ``[..., 1]`` per token) and zero point (same shape).
-        A static grid folds ``shift`` into the clamp (integers in fp32: exact) to save a pass."""
-        qmin, qmax = self.qmin, self.qmax
+        """The shared integer kernels' codes (:func:`vitqc.quant.intops.act_codes`), from these constants."""
         if self.granularity == "tensor":
-            s, z = self.scale, self.zero_point
-            v = torch.round(x / s)
-            if self.symmetric:
-                q = torch.clamp(v, qmin, qmax)
-                q = q - shift if shift else q
-            else:
-                q = torch.clamp(v + (z - shift), qmin - shift, qmax - shift)
-            return q, s, z
-        r = self.clip_ratio
-        if self.symmetric:
-            s = (r * x.abs().amax(-1, keepdim=True) / qmax).clamp_min(_EPS)
-            q = torch.clamp(torch.round(x / s), qmin, qmax)
-            return (q - shift if shift else q), s, torch.zeros_like(s)
-        lo = x.amin(-1, keepdim=True).clamp(max=0.0)
-        hi = x.amax(-1, keepdim=True).clamp(min=0.0)
-        s = (r * (hi - lo) / (qmax - qmin)).clamp_min(_EPS)
-        z = (qmin - torch.round(r * lo / s)).clamp(qmin, qmax)
-        return torch.clamp(torch.round(x / s) + (z - shift), qmin - shift, qmax - shift), s, z
+            return act_codes(x, granularity="tensor", qmin=self.qmin, qmax=self.qmax, symmetric=self.symmetric,
+                             scale=self.scale, zero_point=self.zero_point, shift=shift)
+        return act_codes(x, granularity="token", qmin=self.qmin, qmax=self.qmax, symmetric=self.symmetric,
+                         clip_ratio=self.clip_ratio, shift=shift)
 
     @property
     def zero_free(self) -> bool:
@@ -237,20 +205,9 @@ class _PackedWeightMixin:
         return w * self.weight_scale.unsqueeze(1)
 
     def _int_gemm(self, x2: Tensor, act: _ActBuffers, bias: Tensor | None) -> Tensor:
-        """``x2`` [M, K] float -> [M, N] float through the int8 GEMM (zero points folded, see module docstring)."""
-        shift = 128 if act.qmax > 127 else 0
-        q, s, z = act.codes(x2, shift)
-        a = q.to(torch.int8)
-        acc = torch._int_mm(a, self.weight_int8().t())
-        if self.has_weight_zero_point:
-            acc = acc - a.to(torch.int32).sum(1, keepdim=True) * self.weight_zero_point
-        out_scale = s * self.weight_scale
-        offset = bias
-        if not act.zero_free:  # - za * (colsum R - K zw)[n], applied after scaling: one [N] (or [M, N]) term
-            correction = ((z - shift if shift else z) * self.weight_sum.to(torch.float32)) * out_scale
-            offset = -correction if offset is None else offset - correction
-        accf = acc.to(torch.float32)
-        return accf * out_scale if offset is None else torch.addcmul(offset, accf, out_scale)
+        """``x2`` [M, K] float -> [M, N] float: the integer layer's own kernel on the unpacked weight."""
+        return integer_linear(x2, act, self.weight_int8(), self.weight_scale, self.weight_zero_point,
+                              self.weight_sum, bias)
 
     def storage_bytes(self) -> dict[str, int]:
         extra = sum(t.numel() * t.element_size() for t in (self.weight_scale, self.weight_zero_point, self.weight_sum)
@@ -286,30 +243,9 @@ class PackedPatchConv(_PackedWeightMixin, nn.Module):
         self.act = _ActBuffers(act)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        ho, wo = h // self.kh, w // self.kw
-        x = x[:, :, :ho * self.kh, :wo * self.kw]
-        patches = (x.reshape(b, c, ho, self.kh, wo, self.kw).permute(0, 2, 4, 1, 3, 5)
-                   .reshape(b * ho * wo, c * self.kh * self.kw))
-        y = self._int_gemm(patches, self.act, self.bias)
-        return y.reshape(b, ho, wo, self.out_channels).permute(0, 3, 1, 2)
-
-
-class PackedMatmul(nn.Module):
-    """``Q_a(a) @ Q_b(b)`` on integer codes (fp32 GEMM of integer values, exact below 2^24)."""
-
-    def __init__(self, lhs: ActQuant, rhs: ActQuant) -> None:
-        super().__init__()
-        self.lhs, self.rhs = _ActBuffers(lhs), _ActBuffers(rhs)
-
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        qa, sa, za = self.lhs.codes(a)
-        qb, sb, zb = self.rhs.codes(b)
-        ca = qa if self.lhs.zero_free else qa - za
-        cb = qb if self.rhs.zero_free else qb - zb
-        if self.rhs.granularity == "token":  # its scale varies along the contraction: dequantize first
-            return torch.matmul(ca, cb * sb) * sa
-        return torch.matmul(ca, cb) * (sa * sb)
+        rows, ho, wo = patches(x, self.kh, self.kw)
+        y = self._int_gemm(rows, self.act, self.bias)
+        return y.reshape(x.shape[0], ho, wo, self.out_channels).permute(0, 3, 1, 2)
 
 
 # ----------------------------------------------------------------------------------------------- lowering
@@ -460,6 +396,10 @@ def _act_quant(state: dict[str, Tensor], prefix: str, region: _Region) -> ActQua
     bounds = region.clamp_bounds()
     if not bounds:
         return None
+    if len(bounds) == 2:  # an integer layer clamps the zero point to the grid and the codes to it shifted into int8
+        (lo_a, hi_a), (lo_b, hi_b) = sorted(bounds)
+        if (lo_b - lo_a, hi_b - hi_a) == (shift_for(hi_b),) * 2:
+            bounds = {(lo_b, hi_b)}
     if len(bounds) != 1:
         raise _Unsupported(f"several integer grids {sorted(bounds)} in one quantizer region")
     qmin, qmax = next(iter(bounds))
@@ -520,12 +460,10 @@ def _finish(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def lower_packed(source: Any, example: Tensor | None = None, *, ternary: str = "2bit",
-                 attention: bool = True) -> PackedProgram:
+def lower_packed(source: Any, example: Tensor | None = None, *, ternary: str = "2bit") -> PackedProgram:
     """Lower an artifact (or its path), a materialized GraphModule or an ExportedProgram to packed kernels.
 
     ``ternary``: ``"2bit"`` (4 trits a byte, faster to unpack) or ``"base3"`` (5 a byte, 20 % smaller).
-    ``attention=False`` leaves the attention matmuls in fake-quant form.
     """
     if ternary not in ("2bit", "base3"):
         raise VitqcError(f"ternary must be '2bit' or 'base3', got {ternary!r}")
@@ -542,37 +480,9 @@ def lower_packed(source: Any, example: Tensor | None = None, *, ternary: str = "
         except _Unsupported as why:
             skipped.append({"path": path, "reason": str(why)})
 
-    n_matmul = 0
-    if attention:
-        owner_of_output = {}
-        for qp in quant_paths:
-            r = regions.get(qp)
-            if r is not None and not any(qp.startswith(wp + ".") for wp in weight_paths):
-                outs = r.tensor_outputs()
-                if len(outs) == 1:
-                    owner_of_output[outs[0]] = r
-        for node in list(gm.graph.nodes):
-            if node.op != "call_function" or node.target != torch.ops.aten.matmul.default:
-                continue
-            ra, rb = (owner_of_output.get(a) if isinstance(a, fx.Node) else None for a in node.args[:2])
-            if ra is None or rb is None:
-                continue
-            try:
-                qa, qb = _act_quant(state, ra.path, ra), _act_quant(state, rb.path, rb)
-                ia, ib = ra.tensor_inputs(), rb.tensor_inputs()
-                if qa is None or qb is None or len(ia) != 1 or len(ib) != 1:
-                    raise _Unsupported("matmul inputs are not both quantized")
-            except _Unsupported as why:
-                skipped.append({"path": f"{ra.path} @ {rb.path}", "reason": str(why)})
-                continue
-            owner = os.path.commonprefix([ra.path.split("."), rb.path.split(".")])
-            target = ".".join([*owner, f"int_{node.name}"])
-            merged = _Region(target, [])
-            _replace(gm, merged, [ia[0], ib[0]], node, target, PackedMatmul(qa, qb))
-            # the matmul node itself is now unused; the quantizer regions die with it
-            layers.append({"path": target, "kind": "matmul", "lhs": ra.path, "rhs": rb.path,
-                           "lhs_act": qa.describe(), "rhs_act": qb.describe()})
-            n_matmul += 1
+    # the attention matmuls already run on integer codes in the source program (IntMatmul): kept as they are
+    layers += [{"path": path, "kind": "matmul", "form": "IntMatmul: integer codes, fp32 GEMM (exact below 2^24)"}
+               for path, _ in _modules_by_type(gm, ("IntMatmul",))]
 
     _finish(gm)
     packed = _export(gm, example)
@@ -606,14 +516,8 @@ def _lower_weight_layer(gm: fx.GraphModule, state: dict[str, Tensor], region: _R
         module: nn.Module = PackedLinear(codes, scale, zp, bias, act, layout)
         kind = "linear"
     elif codes.dim() == 4:
-        convs = region.find(torch.ops.aten.conv2d.default)
-        if len(convs) != 1:
-            raise _Unsupported("conv region without exactly one aten.conv2d")
-        args = list(convs[0].args) + [None] * 7
-        stride, padding, dilation, groups = (args[3] or [1, 1]), (args[4] or [0, 0]), (args[5] or [1, 1]), (args[6] or 1)
-        kernel = list(codes.shape[2:])
-        if list(stride) != kernel or any(padding) or any(d != 1 for d in dilation) or groups != 1 or act is None \
-                or act.granularity != "tensor":
+        # the source's IntConv2d runs a patchify conv as patches x GEMM (no conv node); any other conv as a conv
+        if region.find(torch.ops.aten.conv2d.default) or act is None or act.granularity != "tensor":
             raise _Unsupported("only a patchify conv (stride == kernel, no padding/dilation/groups, per-tensor "
                                "input quantizer) is lowered; this conv keeps int8 codes and a float conv")
         module = PackedPatchConv(codes, scale, zp, bias, act, lambda flat: _weight_layout(flat, bits_hint, ternary, path))
@@ -659,7 +563,7 @@ def fold_unpack(gm: fx.GraphModule) -> fx.GraphModule:
     """Evaluate, once, every node of a packed layer that depends only on stored tensors (the weight unpack,
     its transpose view, scale products) and store the results as buffers: the packed file stays small, the
     weights sit in memory as int8 and each call skips the unpack. Nodes outside packed layers are left alone."""
-    packed_paths = {name for name, m in _packed_modules_by_stack(gm)}
+    packed_paths = {name for name, m in _modules_by_type(gm, ("PackedLinear", "PackedPatchConv"))}
     const: dict[fx.Node, Any] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -689,12 +593,12 @@ def fold_unpack(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _packed_modules_by_stack(gm: fx.GraphModule) -> list[tuple[str, str]]:
+def _modules_by_type(gm: fx.GraphModule, type_names: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``(path, qualified type)`` of every module of one of ``type_names`` that graph nodes were traced in."""
     out = set()
     for node in gm.graph.nodes:
-        for key, v in node.meta.get("nn_module_stack", {}).items():
-            if isinstance(v, tuple) and isinstance(v[1], str) and v[1].rsplit(".", 1)[-1] in (
-                    "PackedLinear", "PackedPatchConv", "PackedMatmul"):
+        for v in node.meta.get("nn_module_stack", {}).values():
+            if isinstance(v, tuple) and isinstance(v[1], str) and v[1].rsplit(".", 1)[-1] in type_names:
                 out.add((v[0], v[1]))
     return sorted(out)
 

@@ -154,7 +154,7 @@ class InsertQuantizers(VitqcPass):
                 if bits is None:
                     continue
                 for side, arg in zip(("lhs", "rhs"), node.args[:2]):
-                    if not isinstance(arg, fx.Node) or _is_quantizer_node(gm, arg):
+                    if not isinstance(arg, fx.Node) or is_quantizer_node(gm, arg):
                         continue
                     q = self._act_quantizer(bits)
                     _insert_before_use(gm, node, arg, q, f"{owner + '.' if owner else ''}{node.name}_{side}_quantizer")
@@ -167,7 +167,7 @@ class InsertQuantizers(VitqcPass):
         return PassResult(gm, modified)
 
 
-def _is_quantizer_node(gm: fx.GraphModule, node: fx.Node) -> bool:
+def is_quantizer_node(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), UniformQuantizer)
 
 
@@ -178,7 +178,7 @@ def replace_submodule(gm: fx.GraphModule, path: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def _unique_path(gm: fx.GraphModule, path: str) -> str:
+def unique_path(gm: fx.GraphModule, path: str) -> str:
     candidate, i = path, 1
     while True:
         try:
@@ -189,7 +189,7 @@ def _unique_path(gm: fx.GraphModule, path: str) -> str:
 
 
 def _insert_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, path: str) -> fx.Node:
-    path = _unique_path(gm, path)
+    path = unique_path(gm, path)
     gm.add_submodule(path, module)
     with gm.graph.inserting_after(node):
         qnode = gm.graph.call_module(path, (node,))
@@ -199,7 +199,7 @@ def _insert_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, path: st
 
 
 def _insert_before_use(gm: fx.GraphModule, user: fx.Node, arg: fx.Node, module: nn.Module, path: str) -> fx.Node:
-    path = _unique_path(gm, path)
+    path = unique_path(gm, path)
     gm.add_submodule(path, module)
     with gm.graph.inserting_before(user):
         qnode = gm.graph.call_module(path, (arg,))

@@ -3,7 +3,8 @@
 ``QuantLinear`` / ``QuantConv2d`` keep the FP weight and fake-quantize it on the fly, so later passes can
 learn quantizer steps, channel-wise rescaling factors and weight refinement. ``materialize`` calls each
 module's ``materialized()``: fake-quant layers become ``IntLinear`` / ``IntConv2d`` (integer weight codes plus
-scales/zero-points, nothing learnable) and ``RescaledLayerNorm`` folds its factors into a plain LayerNorm.
+scales/zero-points, nothing learnable, computed in integer arithmetic: :mod:`vitqc.quant.intops`) and
+``RescaledLayerNorm`` folds its factors into a plain LayerNorm; quantized attention matmuls become ``IntMatmul``.
 A layer keeps its input quantizer, so it is one self-contained unit at one module path.
 """
 from __future__ import annotations
@@ -12,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitqc.quant.intops import integer_linear, integer_matmul, patches
 from vitqc.quant.quantizer import UniformQuantizer
 
 __all__ = ["ChannelFactors", "RescaledLayerNorm", "QuantLinear", "QuantConv2d", "IntLinear", "IntConv2d",
-           "QUANT_LAYERS", "INT_LAYERS", "freeze_quantizer"]
+           "IntMatmul", "QUANT_LAYERS", "INT_LAYERS", "freeze_quantizer"]
 
 
 class ChannelFactors(nn.Module):
@@ -183,6 +185,26 @@ class _IntWeightMixin:
         self.weight_bits = q.bits
         self.weight_symmetric = q.symmetric
         self.input_quantizer = freeze_quantizer(quant.input_quantizer)
+        self._store_gemm_constants()
+
+    def _store_gemm_constants(self) -> None:
+        """What the integer GEMM needs besides the codes: the shift that makes them int8 (only [0, 255]
+        codes of asymmetric 8-bit weights need one), the zero points in shifted units (None if all zero) and
+        ``rowsum - K * zero point`` (see :func:`vitqc.quant.intops.integer_linear`)."""
+        n = self.weight_codes.shape[0]
+        self.weight_shift = 128 if self.weight_codes.dtype == torch.uint8 else 0
+        r = self.weight_int8().reshape(n, -1).to(torch.int32)
+        zp = self.weight_zero_point.reshape(n).round().to(torch.int32) - self.weight_shift
+        self.register_buffer("gemm_zero_point", zp if bool((zp != 0).any()) else None)
+        self.register_buffer("gemm_weight_sum", r.sum(1) - r.shape[1] * zp)
+        q = self.input_quantizer
+        self.integer_input = q is not None and q.granularity in ("tensor", "token")
+
+    def weight_int8(self) -> torch.Tensor:
+        """The weight codes as int8 (shifted by ``weight_shift``)."""
+        if not self.weight_shift:
+            return self.weight_codes
+        return (self.weight_codes.to(torch.int16) - self.weight_shift).to(torch.int8)
 
     def dequantized_weight(self) -> torch.Tensor:
         return (self.weight_codes.to(self.weight_scale.dtype) - self.weight_zero_point) * self.weight_scale
@@ -190,9 +212,17 @@ class _IntWeightMixin:
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
+    def _integer_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        n = self.weight_codes.shape[0]
+        return integer_linear(rows, self.input_quantizer, self.weight_int8().reshape(n, -1),
+                              self.weight_scale.reshape(n), self.gemm_zero_point, self.gemm_weight_sum, self.bias)
+
 
 class IntLinear(_IntWeightMixin, nn.Module):
-    """A linear layer with integer weight codes: y = Q_in(x) @ ((codes - zp) * scale)^T + b."""
+    """A linear layer on integer weight codes. With a per-tensor or per-token input quantizer it runs in
+    integer arithmetic (:func:`vitqc.quant.intops.integer_linear`: exact int8 GEMM, then one rescale), which
+    equals ``Q_in(x) @ ((codes - zp) * scale)^T + b`` up to float rounding; without one (weight-only) it is
+    exactly that expression in float."""
 
     def __init__(self, quant: QuantLinear) -> None:
         super().__init__()
@@ -200,18 +230,51 @@ class IntLinear(_IntWeightMixin, nn.Module):
         self._store_codes(quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantize_input(x), self.dequantized_weight(), self.bias)
+        if not self.integer_input:
+            return F.linear(self.quantize_input(x), self.dequantized_weight(), self.bias)
+        y = self._integer_rows(x.reshape(-1, self.in_features))
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 class IntConv2d(_IntWeightMixin, nn.Module):
+    """A conv on integer weight codes. A patchify conv (stride == kernel, no padding, dilation or groups: the
+    ViT patch embedding) with a per-tensor input quantizer runs as patches x the integer GEMM; any other conv
+    as a float conv of the dequantized codes on the fake-quantized input."""
+
     def __init__(self, quant: QuantConv2d) -> None:
         super().__init__()
         self.stride, self.padding, self.dilation, self.groups = quant.stride, quant.padding, quant.dilation, quant.groups
         self._store_codes(quant)
+        kernel = tuple(self.weight_codes.shape[2:])
+        self.patchify = (tuple(self.stride) == kernel and not any(_pairs(self.padding))
+                         and all(d == 1 for d in _pairs(self.dilation)) and self.groups == 1
+                         and self.integer_input and self.input_quantizer.granularity == "tensor")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(self.quantize_input(x), self.dequantized_weight(), self.bias, self.stride, self.padding,
-                        self.dilation, self.groups)
+        if not self.patchify:
+            return F.conv2d(self.quantize_input(x), self.dequantized_weight(), self.bias, self.stride,
+                            self.padding, self.dilation, self.groups)
+        kh, kw = self.weight_codes.shape[2:]
+        rows, ho, wo = patches(x, kh, kw)
+        y = self._integer_rows(rows)
+        return y.reshape(x.shape[0], ho, wo, -1).permute(0, 3, 1, 2)
+
+
+def _pairs(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+class IntMatmul(nn.Module):
+    """``Q_lhs(a) @ Q_rhs(b)`` for two activations (``q @ k^T``, ``attn @ v``) on their integer codes
+    (:func:`vitqc.quant.intops.integer_matmul`). ``materialize`` puts it in place of a matmul whose inputs
+    are both quantized, holding the two (frozen) quantizers."""
+
+    def __init__(self, lhs: UniformQuantizer, rhs: UniformQuantizer) -> None:
+        super().__init__()
+        self.lhs, self.rhs = freeze_quantizer(lhs), freeze_quantizer(rhs)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return integer_matmul(a, b, self.lhs, self.rhs)
 
 
 QUANT_LAYERS = (QuantLinear, QuantConv2d)

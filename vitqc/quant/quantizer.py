@@ -332,6 +332,26 @@ class UniformQuantizer(nn.Module):
         return z
 
     @property
+    def zero_free(self) -> bool:
+        """Its codes need no zero-point correction in an integer GEMM (symmetric, fits int8 unshifted)."""
+        return self.symmetric and self.qmax <= 127
+
+    def codes(self, x: Tensor, shift: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """``(codes - shift, scale, zero point)`` of an activation as the integer kernels take them
+        (:func:`vitqc.quant.intops.act_codes`): the same float ops as forward, so the same codes."""
+        from vitqc.quant.intops import act_codes
+
+        if not self._is_init:
+            raise RuntimeError("quantizer used before calibration: codes() needs an initialized quantizer")
+        if self.granularity == "token":
+            return act_codes(x, granularity="token", qmin=self.qmin, qmax=self.qmax, symmetric=self.symmetric,
+                             clip_ratio=self.clip_ratio.detach(), shift=shift)
+        if self.granularity != "tensor":
+            raise ValueError("codes() is defined for tensor and token granularity (one scale per row at most)")
+        return act_codes(x, granularity="tensor", qmin=self.qmin, qmax=self.qmax, symmetric=self.symmetric,
+                         scale=self.scale_tensor(), zero_point=self.zero_point_tensor(), shift=shift)
+
+    @property
     def code_dtype(self) -> torch.dtype:
         """Dtype of :meth:`integer` codes: int8 if [qmin, qmax] fits, else uint8 if it fits [0, 255], else int16."""
         if self.qmin >= -128 and self.qmax <= 127:
