@@ -166,3 +166,25 @@ def test_assignment_table_lists_every_searched_layer(calib):
     for row in record["layers"]:
         assert row["path"] in text
     assert f"{record['evaluations']} candidates scored" in text and "uniform:" in text
+
+
+def test_sensitivity_seeds_fit_the_budget_and_the_search_records_their_cost(calib):
+    gm, record = searched(calib)
+    r = record["mixed_precision_search"]
+    genes = len(r["layers"]) * 2 - sum("weight_bits" not in row for row in r["layers"])  # attention rows: one gene
+    # one width down and one up per gene, plus uniform, plus at most one climb step per gene
+    assert 2 * genes + 1 <= r["sensitivity_evaluations"] <= 3 * genes + 1
+    off = searched(calib, sensitivity=False)[1]["mixed_precision_search"]
+    assert off["sensitivity_evaluations"] == 0 and off["evaluations"] < r["evaluations"]
+
+
+def test_the_sensitivity_climb_only_keeps_improvements():
+    """On a made-up fitness where raising gene 0 helps most and lowering 1 and 2 costs less than that, the climb
+    moves 0 up (two bits), pays with 1 and 2, and returns only assignments better than uniform."""
+    genes = [mps.Gene(f"l{i}", "weight", [], 100, [3, 4, 6]) for i in range(3)]
+    budget = mps.Budget(genes, mps.MixedPrecisionSearchOptions(weight_bits=4.0), 0.0)
+    cost = {0: {0: 1.0, 1: 0.0, 2: -2.0}, 1: {0: 0.1, 1: 0.0, 2: -0.05}, 2: {0: 0.5, 1: 0.0, 2: -0.01}}
+    fitness = lambda genome: 5.0 + sum(cost[i][c] for i, c in enumerate(genome))  # noqa: E731
+    seeds, evaluations = mps.sensitivity_seeds(genes, budget, (1, 1, 1), fitness, quiet=True)
+    assert seeds == [(2, 0, 0)] and fitness(seeds[0]) < fitness((1, 1, 1)) and budget.fits(seeds[0])
+    assert evaluations == 1 + 6 + 1  # uniform, one down and one up per gene, one climb step (1 and 2 are spent)
