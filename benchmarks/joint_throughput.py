@@ -4,11 +4,13 @@
                                           [--activation-checkpointing]
 
 Random weights and random images (timing only). Prints iterations/s and peak memory (CUDA: max allocated;
-CPU: peak resident set size of the process, so compare settings in separate processes).
+CPU: peak resident set size of the process, so compare settings in separate processes) and keeps each
+setting's row in results/joint_throughput-<device>.json.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 
 import timm
@@ -16,6 +18,8 @@ import torch
 
 import vitqc
 from vitqc.pipeline import Pipeline
+
+from common import RESULTS, write_result
 
 
 def main() -> None:
@@ -52,6 +56,14 @@ def main() -> None:
         peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA max allocated)"
     else:
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS)"
+    row = {"model": args.model, "device": args.device, "threads": torch.get_num_threads(), "batch": args.batch,
+           "bits": args.bits, "activation_checkpointing": args.activation_checkpointing, "steps": args.steps,
+           "it_per_s": round(1 / per_step, 4), "s_per_it": round(per_step, 4), "peak_memory": peak}
+    name = f"joint_throughput-{args.device.split(':')[0]}"
+    rows = json.loads((RESULTS / f"{name}.json").read_text())["rows"] if (RESULTS / f"{name}.json").exists() else []
+    rows = [r for r in rows if {k: r[k] for k in ("model", "batch", "bits", "activation_checkpointing", "threads")}
+            != {k: row[k] for k in ("model", "batch", "bits", "activation_checkpointing", "threads")}] + [row]
+    write_result(name, {"rows": rows})
     print(f"| model | device | batch | bits | activation checkpointing | it/s | s/it | peak memory |\n"
           f"|---|---|---|---|---|---|---|---|\n"
           f"| {args.model} | {args.device} ({torch.get_num_threads()} threads) | {args.batch} | {args.bits} | "

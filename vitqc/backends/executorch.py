@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from vitqc.backends.packed import _Region, _finish, _modules_by_type, _stack_paths, integer_layers
+from vitqc.backends.program import Region, finish, integer_layers, modules_by_type, stack_paths
 from vitqc.errors import VitqcError
 
 __all__ = ["PteResult", "lower_executorch", "describe_substitution", "float_program", "save_pte", "load_pte",
@@ -105,9 +105,9 @@ def float_program(source: Any, example: Tensor | None = None) -> tuple[fx.GraphM
             if bias is not None:
                 layer.bias.copy_(bias)
         _swap(gm, region, inputs[0], outputs[0], path, layer)
-    matmul_paths = [p for p, _ in _modules_by_type(gm, ("IntMatmul",))]
+    matmul_paths = [p for p, _ in modules_by_type(gm, ("IntMatmul",))]
     for path in matmul_paths:  # integer attention matmuls: a float matmul of their inputs on device
-        region = _Region(path, [n for n in gm.graph.nodes if path in _stack_paths(n)])
+        region = Region(path, [n for n in gm.graph.nodes if path in stack_paths(n)])
         ins, outs = region.tensor_inputs(), region.tensor_outputs()
         if len(ins) != 2 or len(outs) != 1:
             raise VitqcError(f"{path}: expected two tensors in and one out ({len(ins)} in / {len(outs)} out)")
@@ -123,7 +123,7 @@ def float_program(source: Any, example: Tensor | None = None) -> tuple[fx.GraphM
         ins, outs = region.tensor_inputs(), region.tensor_outputs()
         if len(ins) == 1 and len(outs) == 1:
             outs[0].replace_all_uses_with(ins[0])
-    _finish(gm)
+    finish(gm)
     return gm, plans, example, manifest
 
 
@@ -149,7 +149,7 @@ def _plan(path: str, codes: Tensor, scale: Tensor, zp: Tensor, bits: float | Non
 def _swap(gm: fx.GraphModule, region, x: fx.Node, out: fx.Node, path: str, layer: nn.Module) -> None:
     gm.meta.setdefault("vitqc_pending", []).append((path, layer))
     with gm.graph.inserting_before(out):
-        # the holder module at `path` is replaced in _finish; call it by path (fx checks the target lazily)
+        # the holder module at `path` is replaced in finish; call it by path (fx checks the target lazily)
         new = gm.graph.create_node("call_module", path, (x,))
     new.meta["val"] = out.meta.get("val")
     out.replace_all_uses_with(new)

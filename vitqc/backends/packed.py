@@ -4,10 +4,11 @@ One code path. The input is always a ``torch.export`` program of a materialized 
 ``quantized.pt2`` as it is, or ``export_program(gm)`` for a graph from ``vitqc.compile`` (done here). In
 that program every integer layer is found by its state (``<path>.weight_codes``, ``.weight_scale``,
 ``.weight_zero_point``, ``.bias``, ``.input_quantizer.{scale,zero_point,clip_ratio}``) and the nodes that
-carry ``<path>`` in their ``nn_module_stack``; the activation grid ``[qmin, qmax]`` is read from that
-region's ``clamp`` (the only clamp with integer bounds there). Every quantizer likewise (``<path>.initialized``).
-The region is replaced by one module call and the graph re-exported, so the result is again a
-``torch.export`` program (saved with ``torch.export.save``: raw tensors + JSON, no pickle).
+carry ``<path>`` in their ``nn_module_stack`` (:mod:`vitqc.backends.program`); the activation grid
+``[qmin, qmax]`` is read from that region's integer-bounded ``clamp`` (an asymmetric 8-bit grid appears twice:
+as itself on the zero point and shifted into int8 on the codes). Every quantizer likewise
+(``<path>.initialized``). The region is replaced by one module call and the graph re-exported, so the result
+is again a ``torch.export`` program (saved with ``torch.export.save``: raw tensors + JSON, no pickle).
 
 What runs: the integer kernels of :mod:`vitqc.quant.intops`, the very functions the source program's
 ``IntLinear`` / ``IntConv2d`` / ``IntMatmul`` call, so the packed model is bit-identical to the artifact's
@@ -41,7 +42,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from vitqc.backends import packing
+from vitqc.backends.program import ASSERTS, Region, finish, integer_layers, is_tensor_node, modules_by_type, \
+    quantized_program, stack_paths
 from vitqc.errors import VitqcError
 from vitqc.quant.intops import EPS as _EPS, act_codes, integer_linear, patches, shift_for
 
@@ -59,8 +62,6 @@ __all__ = ["ActQuant", "PackedLinear", "PackedPatchConv", "PackedProgram", "lowe
 PACKED_FORMAT = "vitqc-packed/1"
 MANIFEST_NAME = "vitqc-packed.json"
 TERNARY_BITS = 1.58
-_CLAMP = (torch.ops.aten.clamp.default,)
-_ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
 
 
 # ----------------------------------------------------------------------------------------------- quantizers
@@ -272,126 +273,7 @@ class PackedProgram:
         return torch.compile(gm, dynamic=False) if compile else gm
 
 
-def quantized_program(source: Any, example: Tensor | None = None) -> tuple[torch.export.ExportedProgram, dict[str, float], Tensor, dict[str, Any]]:
-    """``(program, weight bits by layer path, example input, manifest)`` for an Artifact, a path to one, a
-    materialized GraphModule (exported here) or an ExportedProgram of one."""
-    from vitqc.artifact import Artifact, export_program, load_artifact
-    from vitqc.quant.modules import INT_LAYERS, QUANT_LAYERS
-
-    if isinstance(source, (str, Path)):
-        source = load_artifact(source)
-    if isinstance(source, Artifact):
-        manifest = source.manifest
-        bits = {l["path"]: l["weight_bits"] for l in manifest.get("layers", []) if l.get("weight_bits") is not None}
-        shape = manifest.get("input_shape")
-        if example is None:
-            if not shape:
-                raise VitqcError(f"{source.path}: the manifest has no input_shape; pass an example input")
-            example = torch.zeros(1, *shape)
-        return source.quantized_program, bits, example, manifest
-    if isinstance(source, torch.export.ExportedProgram):
-        if example is None:
-            example = _example_from_program(source)
-        return source, {}, example, {}
-    if isinstance(source, nn.Module):
-        if any(isinstance(m, QUANT_LAYERS) for m in source.modules()):
-            raise VitqcError("the graph still has fake-quant layers with FP weights: run the 'materialize' pass "
-                             "(end the pipeline with materialize) before lowering")
-        if not any(isinstance(m, INT_LAYERS) for m in source.modules()):
-            raise VitqcError("the model has no integer layers (IntLinear/IntConv2d): compile it with a quantizing "
-                             "pipeline such as minmax-w8a8 first")
-        bits = {name: m.weight_bits for name, m in source.named_modules() if isinstance(m, INT_LAYERS)}
-        if example is None:
-            example = _example_from_graph(source)
-        return export_program(source, example), bits, example, dict(getattr(source, "meta", {}).get("vitqc", {}))
-    raise VitqcError(f"cannot lower a {type(source).__name__}: give an artifact, a materialized GraphModule or "
-                     "an ExportedProgram")
-
-
-def _example_from_graph(gm: nn.Module) -> Tensor:
-    if isinstance(gm, fx.GraphModule):
-        for node in gm.graph.nodes:
-            if node.op == "placeholder" and "tensor_meta" in node.meta:
-                return torch.zeros(1, *node.meta["tensor_meta"].shape[1:])
-    raise VitqcError("pass an example input (the graph records no input shape)")
-
-
-def _example_from_program(ep: torch.export.ExportedProgram) -> Tensor:
-    for node in ep.graph.nodes:
-        if node.op == "placeholder" and node.name not in ep.graph_signature.inputs_to_parameters \
-                and node.name not in ep.graph_signature.inputs_to_buffers \
-                and node.name not in ep.graph_signature.inputs_to_lifted_tensor_constants:
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor):
-                return torch.zeros(1, *[int(d) for d in val.shape[1:]], dtype=val.dtype)
-    raise VitqcError("pass an example input (the program records no input shape)")
-
-
-def _stack_paths(node: fx.Node) -> set[str]:
-    return {v[0] for v in node.meta.get("nn_module_stack", {}).values() if isinstance(v, tuple)}
-
-
-def _is_tensor_node(node: fx.Node) -> bool:
-    return isinstance(node.meta.get("val"), torch.Tensor)
-
-
-@dataclass
-class _Region:
-    path: str
-    nodes: list[fx.Node]
-    node_set: set[fx.Node] = field(default_factory=set)
-
-    def __post_init__(self) -> None:
-        self.node_set = set(self.nodes)
-
-    def tensor_inputs(self) -> list[fx.Node]:
-        seen: list[fx.Node] = []
-        for n in self.nodes:
-            for m in n.all_input_nodes:
-                if m not in self.node_set and m.op != "get_attr" and _is_tensor_node(m) and m not in seen:
-                    seen.append(m)
-        return seen
-
-    def tensor_outputs(self) -> list[fx.Node]:
-        return [n for n in self.nodes if _is_tensor_node(n) and any(u not in self.node_set for u in n.users)]
-
-    def clamp_bounds(self) -> set[tuple[int, int]]:
-        out = set()
-        for n in self.nodes:
-            if n.op == "call_function" and n.target in _CLAMP and len(n.args) >= 3 \
-                    and isinstance(n.args[1], int) and isinstance(n.args[2], int):
-                out.add((n.args[1], n.args[2]))
-        return out
-
-    def find(self, target: Any) -> list[fx.Node]:
-        return [n for n in self.nodes if n.op == "call_function" and n.target == target]
-
-
-def integer_layers(source: Any, example: Tensor | None = None):
-    """The quantized program of ``source`` with what every backend reads from it: its state (parameters and
-    constants), the unlifted graph module, the paths of the integer weight layers, and the graph region of
-    each weight layer and activation quantizer."""
-    program, bits_hint, example, manifest = quantized_program(source, example)
-    state: dict[str, Tensor] = {**program.state_dict, **program.constants}
-    gm = program.module()
-    weight_paths = sorted(k[: -len(".weight_codes")] for k in state if k.endswith(".weight_codes"))
-    quant_paths = sorted(k[: -len(".initialized")] for k in state if k.endswith(".initialized"))
-    if not weight_paths:
-        raise VitqcError("the program has no integer weight codes (<layer>.weight_codes): not a materialized model")
-    return (program, bits_hint, example, manifest, state, gm, weight_paths, quant_paths,
-            _regions(gm, weight_paths + quant_paths))
-
-
-def _regions(gm: fx.GraphModule, paths: list[str]) -> dict[str, _Region]:
-    wanted = set(paths)
-    found: dict[str, list[fx.Node]] = {p: [] for p in paths}
-    for node in gm.graph.nodes:
-        for p in _stack_paths(node) & wanted:
-            found[p].append(node)
-    return {p: _Region(p, nodes) for p, nodes in found.items() if nodes}
-
-
-def _act_quant(state: dict[str, Tensor], prefix: str, region: _Region) -> ActQuant | None:
+def _act_quant(state: dict[str, Tensor], prefix: str, region: Region) -> ActQuant | None:
     """The activation quantizer stored at ``prefix`` as the program computes it, or None if it does nothing."""
     bounds = region.clamp_bounds()
     if not bounds:
@@ -417,11 +299,11 @@ class _Unsupported(Exception):
     """This region stays in its fake-quant form (recorded in the manifest)."""
 
 
-def _replace(gm: fx.GraphModule, region: _Region, inputs: list[fx.Node], output: fx.Node, target: str,
+def _replace(gm: fx.GraphModule, region: Region, inputs: list[fx.Node], output: fx.Node, target: str,
              module: nn.Module) -> fx.Node:
     try:
         gm.get_submodule(target)
-        gm.meta.setdefault("vitqc_pending", []).append((target, module))  # replaces a holder: see _finish
+        gm.meta.setdefault("vitqc_pending", []).append((target, module))  # replaces a holder: see finish
     except AttributeError:
         gm.add_submodule(target, module)
     with gm.graph.inserting_before(output):
@@ -429,35 +311,9 @@ def _replace(gm: fx.GraphModule, region: _Region, inputs: list[fx.Node], output:
     new.meta.update({k: output.meta[k] for k in ("val",) if k in output.meta})
     output.replace_all_uses_with(new)
     for n in region.nodes:  # dtype asserts are side-effectful for DCE; drop those of the replaced region
-        if n.op == "call_function" and n.target in _ASSERTS:
+        if n.op == "call_function" and n.target in ASSERTS:
             gm.graph.erase_node(n)
     return new
-
-
-def _finish(gm: fx.GraphModule) -> None:
-    """Remove what the replaced regions left dead, then put the packed modules at their paths.
-
-    The unlifted program holds a layer's tensors on a plain module at the layer's path; the packed module
-    takes its place, so the region's ``get_attr`` nodes must be gone first (fx's own dead-code pass lints the
-    graph, which would fail on them: hence this loop).
-    """
-    changed = True
-    while changed:
-        changed = False
-        for node in reversed(list(gm.graph.nodes)):
-            if node.op in ("placeholder", "output") or node.users:
-                continue
-            subject = node.args[0] if node.args else None
-            dead_assert = node.op == "call_function" and node.target in _ASSERTS and isinstance(subject, fx.Node) \
-                and all(u.target in _ASSERTS for u in subject.users)
-            if dead_assert or (node.op != "call_module" and not node.is_impure()):
-                gm.graph.erase_node(node)
-                changed = True
-    for target, module in gm.meta.pop("vitqc_pending", []):
-        gm.add_submodule(target, module)
-    gm.delete_all_unused_submodules()
-    gm.graph.lint()
-    gm.recompile()
 
 
 def lower_packed(source: Any, example: Tensor | None = None, *, ternary: str = "2bit") -> PackedProgram:
@@ -482,9 +338,9 @@ def lower_packed(source: Any, example: Tensor | None = None, *, ternary: str = "
 
     # the attention matmuls already run on integer codes in the source program (IntMatmul): kept as they are
     layers += [{"path": path, "kind": "matmul", "form": "IntMatmul: integer codes, fp32 GEMM (exact below 2^24)"}
-               for path, _ in _modules_by_type(gm, ("IntMatmul",))]
+               for path, _ in modules_by_type(gm, ("IntMatmul",))]
 
-    _finish(gm)
+    finish(gm)
     packed = _export(gm, example)
     manifest = _manifest(packed, layers, skipped, source_manifest, ternary)
     return PackedProgram(packed, manifest, gm)
@@ -502,7 +358,7 @@ def _export(gm: fx.GraphModule, example: Tensor) -> torch.export.ExportedProgram
         raise VitqcError(f"could not export the packed graph with torch.export: {first}") from exc
 
 
-def _lower_weight_layer(gm: fx.GraphModule, state: dict[str, Tensor], region: _Region, path: str,
+def _lower_weight_layer(gm: fx.GraphModule, state: dict[str, Tensor], region: Region, path: str,
                         bits_hint: float | None, ternary: str) -> dict[str, Any]:
     codes = state[f"{path}.weight_codes"]
     scale, zp = state[f"{path}.weight_scale"], state[f"{path}.weight_zero_point"]
@@ -563,13 +419,13 @@ def fold_unpack(gm: fx.GraphModule) -> fx.GraphModule:
     """Evaluate, once, every node of a packed layer that depends only on stored tensors (the weight unpack,
     its transpose view, scale products) and store the results as buffers: the packed file stays small, the
     weights sit in memory as int8 and each call skips the unpack. Nodes outside packed layers are left alone."""
-    packed_paths = {name for name, m in _modules_by_type(gm, ("PackedLinear", "PackedPatchConv"))}
+    packed_paths = {name for name, m in modules_by_type(gm, ("PackedLinear", "PackedPatchConv"))}
     const: dict[fx.Node, Any] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             const[node] = _fetch_attr(gm, str(node.target))
-        elif node.op == "call_function" and node.target not in _ASSERTS and _stack_paths(node) & packed_paths \
-                and node.all_input_nodes and all(m in const for m in node.all_input_nodes) and _is_tensor_node(node):
+        elif node.op == "call_function" and node.target not in ASSERTS and stack_paths(node) & packed_paths \
+                and node.all_input_nodes and all(m in const for m in node.all_input_nodes) and is_tensor_node(node):
             args = fx.node.map_arg(node.args, lambda m: const[m])
             kwargs = fx.node.map_arg(node.kwargs, lambda m: const[m])
             const[node] = node.target(*args, **kwargs)
@@ -591,16 +447,6 @@ def fold_unpack(gm: fx.GraphModule) -> fx.GraphModule:
     gm.recompile()
     gm.meta["vitqc_folded"] = folded
     return gm
-
-
-def _modules_by_type(gm: fx.GraphModule, type_names: tuple[str, ...]) -> list[tuple[str, str]]:
-    """``(path, qualified type)`` of every module of one of ``type_names`` that graph nodes were traced in."""
-    out = set()
-    for node in gm.graph.nodes:
-        for v in node.meta.get("nn_module_stack", {}).values():
-            if isinstance(v, tuple) and isinstance(v[1], str) and v[1].rsplit(".", 1)[-1] in type_names:
-                out.add((v[0], v[1]))
-    return sorted(out)
 
 
 def _fetch_attr(gm: nn.Module, target: str) -> Any:

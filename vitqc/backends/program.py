@@ -1,0 +1,178 @@
+"""What every backend reads from a quantized ``torch.export`` program: its integer layers and their graph regions.
+
+A backend starts from an artifact's ``quantized.pt2`` (or ``export_program`` of a materialized graph), finds
+each integer layer by its state (``<path>.weight_codes`` ...) and the nodes whose ``nn_module_stack`` carries
+``<path>`` (a :class:`Region`), replaces regions by its own modules, then calls :func:`finish` to drop what
+they left dead. The packed and ExecuTorch backends both work this way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from vitqc.errors import VitqcError
+
+__all__ = ["quantized_program", "integer_layers", "Region", "stack_paths", "is_tensor_node", "finish",
+           "modules_by_type", "CLAMP", "ASSERTS"]
+
+CLAMP = (torch.ops.aten.clamp.default,)
+ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
+
+
+def quantized_program(source: Any, example: Tensor | None = None) -> tuple[torch.export.ExportedProgram, dict[str, float], Tensor, dict[str, Any]]:
+    """``(program, weight bits by layer path, example input, manifest)`` for an Artifact, a path to one, a
+    materialized GraphModule (exported here) or an ExportedProgram of one."""
+    from vitqc.artifact import Artifact, export_program, load_artifact
+    from vitqc.quant.modules import INT_LAYERS, QUANT_LAYERS
+
+    if isinstance(source, (str, Path)):
+        source = load_artifact(source)
+    if isinstance(source, Artifact):
+        manifest = source.manifest
+        bits = {l["path"]: l["weight_bits"] for l in manifest.get("layers", []) if l.get("weight_bits") is not None}
+        shape = manifest.get("input_shape")
+        if example is None:
+            if not shape:
+                raise VitqcError(f"{source.path}: the manifest has no input_shape; pass an example input")
+            example = torch.zeros(1, *shape)
+        return source.quantized_program, bits, example, manifest
+    if isinstance(source, torch.export.ExportedProgram):
+        if example is None:
+            example = _example_from_program(source)
+        return source, {}, example, {}
+    if isinstance(source, nn.Module):
+        if any(isinstance(m, QUANT_LAYERS) for m in source.modules()):
+            raise VitqcError("the graph still has fake-quant layers with FP weights: run the 'materialize' pass "
+                             "(end the pipeline with materialize) before lowering")
+        if not any(isinstance(m, INT_LAYERS) for m in source.modules()):
+            raise VitqcError("the model has no integer layers (IntLinear/IntConv2d): compile it with a quantizing "
+                             "pipeline such as minmax-w8a8 first")
+        bits = {name: m.weight_bits for name, m in source.named_modules() if isinstance(m, INT_LAYERS)}
+        if example is None:
+            example = _example_from_graph(source)
+        return export_program(source, example), bits, example, dict(getattr(source, "meta", {}).get("vitqc", {}))
+    raise VitqcError(f"cannot lower a {type(source).__name__}: give an artifact, a materialized GraphModule or "
+                     "an ExportedProgram")
+
+
+def _example_from_graph(gm: nn.Module) -> Tensor:
+    if isinstance(gm, fx.GraphModule):
+        for node in gm.graph.nodes:
+            if node.op == "placeholder" and "tensor_meta" in node.meta:
+                return torch.zeros(1, *node.meta["tensor_meta"].shape[1:])
+    raise VitqcError("pass an example input (the graph records no input shape)")
+
+
+def _example_from_program(ep: torch.export.ExportedProgram) -> Tensor:
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name not in ep.graph_signature.inputs_to_parameters \
+                and node.name not in ep.graph_signature.inputs_to_buffers \
+                and node.name not in ep.graph_signature.inputs_to_lifted_tensor_constants:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                return torch.zeros(1, *[int(d) for d in val.shape[1:]], dtype=val.dtype)
+    raise VitqcError("pass an example input (the program records no input shape)")
+
+
+def stack_paths(node: fx.Node) -> set[str]:
+    return {v[0] for v in node.meta.get("nn_module_stack", {}).values() if isinstance(v, tuple)}
+
+
+def is_tensor_node(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+@dataclass
+class Region:
+    path: str
+    nodes: list[fx.Node]
+    node_set: set[fx.Node] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.node_set = set(self.nodes)
+
+    def tensor_inputs(self) -> list[fx.Node]:
+        seen: list[fx.Node] = []
+        for n in self.nodes:
+            for m in n.all_input_nodes:
+                if m not in self.node_set and m.op != "get_attr" and is_tensor_node(m) and m not in seen:
+                    seen.append(m)
+        return seen
+
+    def tensor_outputs(self) -> list[fx.Node]:
+        return [n for n in self.nodes if is_tensor_node(n) and any(u not in self.node_set for u in n.users)]
+
+    def clamp_bounds(self) -> set[tuple[int, int]]:
+        out = set()
+        for n in self.nodes:
+            if n.op == "call_function" and n.target in CLAMP and len(n.args) >= 3 \
+                    and isinstance(n.args[1], int) and isinstance(n.args[2], int):
+                out.add((n.args[1], n.args[2]))
+        return out
+
+    def find(self, target: Any) -> list[fx.Node]:
+        return [n for n in self.nodes if n.op == "call_function" and n.target == target]
+
+
+def integer_layers(source: Any, example: Tensor | None = None):
+    """The quantized program of ``source`` with what every backend reads from it: its state (parameters and
+    constants), the unlifted graph module, the paths of the integer weight layers, and the graph region of
+    each weight layer and activation quantizer."""
+    program, bits_hint, example, manifest = quantized_program(source, example)
+    state: dict[str, Tensor] = {**program.state_dict, **program.constants}
+    gm = program.module()
+    weight_paths = sorted(k[: -len(".weight_codes")] for k in state if k.endswith(".weight_codes"))
+    quant_paths = sorted(k[: -len(".initialized")] for k in state if k.endswith(".initialized"))
+    if not weight_paths:
+        raise VitqcError("the program has no integer weight codes (<layer>.weight_codes): not a materialized model")
+    return (program, bits_hint, example, manifest, state, gm, weight_paths, quant_paths,
+            regions_of(gm, weight_paths + quant_paths))
+
+
+def regions_of(gm: fx.GraphModule, paths: list[str]) -> dict[str, Region]:
+    wanted = set(paths)
+    found: dict[str, list[fx.Node]] = {p: [] for p in paths}
+    for node in gm.graph.nodes:
+        for p in stack_paths(node) & wanted:
+            found[p].append(node)
+    return {p: Region(p, nodes) for p, nodes in found.items() if nodes}
+
+
+def finish(gm: fx.GraphModule) -> None:
+    """Remove what the replaced regions left dead, then put the packed modules at their paths.
+
+    The unlifted program holds a layer's tensors on a plain module at the layer's path; the packed module
+    takes its place, so the region's ``get_attr`` nodes must be gone first (fx's own dead-code pass lints the
+    graph, which would fail on them: hence this loop).
+    """
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(gm.graph.nodes)):
+            if node.op in ("placeholder", "output") or node.users:
+                continue
+            subject = node.args[0] if node.args else None
+            dead_assert = node.op == "call_function" and node.target in ASSERTS and isinstance(subject, fx.Node) \
+                and all(u.target in ASSERTS for u in subject.users)
+            if dead_assert or (node.op != "call_module" and not node.is_impure()):
+                gm.graph.erase_node(node)
+                changed = True
+    for target, module in gm.meta.pop("vitqc_pending", []):
+        gm.add_submodule(target, module)
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+
+
+def modules_by_type(gm: fx.GraphModule, type_names: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``(path, qualified type)`` of every module of one of ``type_names`` that graph nodes were traced in."""
+    out = set()
+    for node in gm.graph.nodes:
+        for v in node.meta.get("nn_module_stack", {}).values():
+            if isinstance(v, tuple) and isinstance(v[1], str) and v[1].rsplit(".", 1)[-1] in type_names:
+                out.add((v[0], v[1]))
+    return sorted(out)
