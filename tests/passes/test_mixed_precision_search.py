@@ -188,3 +188,22 @@ def test_the_sensitivity_climb_only_keeps_improvements():
     seeds, evaluations = mps.sensitivity_seeds(genes, budget, (1, 1, 1), fitness, quiet=True)
     assert seeds == [(2, 0, 0)] and fitness(seeds[0]) < fitness((1, 1, 1)) and budget.fits(seeds[0])
     assert evaluations == 1 + 6 + 1  # uniform, one down and one up per gene, one climb step (1 and 2 are spent)
+
+
+def test_finalists_are_rescored_after_a_short_joint_optimization(calib):
+    prefix = ["canonicalize", ("insert_quantizers", {"weight_bits": 4, "act_bits": 4, "keep": {"head": 8}}),
+              "channel_rescale", "weight_refine"]
+    search = ("mixed_precision_search", {"population": 6, "generations": 3, "images": 32, "finalists": 2,
+                                         "finalist_iterations": 3, "finalist_batch_size": 8})
+    gm = vitqc.compile(tiny_vit(), Pipeline.from_list(prefix + [search]), calib, quiet=True)
+    r = gm.meta["vitqc"]["record"]["mixed_precision_search"]
+    rows = r["finalists"]
+    assert 2 <= len(rows) <= 3 and sum(row["uniform"] for row in rows) == 1  # the two best, and uniform
+    chosen = [row for row in rows if row["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["fitness_after_joint"] == min(row["fitness_after_joint"] for row in rows)
+    assert any(row["fitness_after_joint"] != row["fitness"] for row in rows)  # the short runs changed something
+    # the graph comes back as the search left it: rescaling factors and refinements as initialised, untrained
+    start = vitqc.compile(tiny_vit(), Pipeline.from_list(prefix), calib, quiet=True).state_dict()
+    learned = [k for k in start if k.endswith(("log_factors", "refinement"))]
+    assert learned and all(torch.equal(start[k], gm.state_dict()[k]) for k in learned)
+    assert not getattr(gm, "_vitqc_joint_optimized", False)
