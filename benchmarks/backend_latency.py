@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calib-size", type=int, default=64)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (inductor) of the packed program")
-    ap.add_argument("--agreement", type=int, default=0, help="vits14_cifar10: packed vs fake-quant on N test images")
+    ap.add_argument("--agreement", type=int, default=0, help="vits14_cifar10: packed vs the artifact program on N test images")
     ap.add_argument("--no-fakequant", action="store_true", help="skip timing the fake-quant graph and the artifact's program")
     ap.add_argument("--tag", default="", help="results/backend_latency[-TAG].json")
     ap.add_argument("--sizes-only", action="store_true", help="lower and save, no timing")

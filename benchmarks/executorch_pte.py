@@ -1,5 +1,5 @@
 """ExecuTorch (XNNPACK) .pte of vitqc's quantized model vs an fp32 .pte of the same model: latency, size, and
-top-1 agreement with vitqc's quantized (fake-quant) model on the CIFAR-10 test set.
+top-1 agreement with vitqc's quantized (integer) program on the CIFAR-10 test set.
 
     python benchmarks/executorch_pte.py [--model vits14_cifar10] [--schemes w8a8,w4a8] [--limit N]
         [--runs 20] [--threads 1] [--calib-size 256]

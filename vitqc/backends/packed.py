@@ -35,7 +35,7 @@ Speed: the eager program runs every quantize/dequantize as separate elementwise 
 Not done: CUDA is not verified (no GPU here; off the CPU, ``int8_matmul`` accumulates in float64, exact but
 not fast, because CUDA's ``_int_mm`` needs M > 16 and K, N multiples of 8 and nothing pads for it yet), no Triton kernels, no int8 kernel for
 the attention matmuls (fp32 GEMM of integer codes, see above), per-channel activation quantizers and
-non-patchify convolutions stay in fake-quant form (listed in the manifest's ``not_lowered``).
+non-patchify convolutions stay as the source program runs them (listed in the manifest's ``not_lowered``).
 """
 from __future__ import annotations
 
@@ -296,7 +296,7 @@ def _act_quant(state: dict[str, Tensor], prefix: str, region: Region) -> ActQuan
 
 
 class _Unsupported(Exception):
-    """This region stays in its fake-quant form (recorded in the manifest)."""
+    """This region stays as the source program runs it (recorded in the manifest)."""
 
 
 def _replace(gm: fx.GraphModule, region: Region, inputs: list[fx.Node], output: fx.Node, target: str,

@@ -53,7 +53,7 @@ def export(
         s = packed.manifest["summary"]
         bits = 8 * (s["packed_bytes"] + s["per_channel_bytes"]) / max(s["weight_params"], 1)
         out.print(f"lowered {s['weight_layers']} weight layers and {s['attention_matmuls']} attention matmuls"
-                  f" ({s['not_lowered']} left in fake-quant form)", highlight=False)
+                  f" ({s['not_lowered']} left as the artifact runs them)", highlight=False)
         for item in packed.manifest["not_lowered"]:
             out.print(f"  not lowered: {item['path']}: {item['reason']}", highlight=False)
         out.print(f"weights: {s['packed_bytes']:,} packed bytes + {s['per_channel_bytes']:,} bytes of scales/zero "
