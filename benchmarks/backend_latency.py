@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from common import Timer, decode_eval_set, without, write_result
+from common import Timer, cpu_model, decode_eval_set, without, write_result
 
 SCHEMES = {
     "w8a8": ("minmax-w8a8", 8, "2bit"),
@@ -130,7 +129,7 @@ def main() -> None:
     import vitqc
     from vitqc.backends.packed import lower_packed
 
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
                "torch": torch.__version__, "load_avg_start": os.getloadavg()}
     print(f"machine: {machine}", flush=True)
     rows, sizes_rows, agree_rows = [], [], []

@@ -104,7 +104,18 @@ def run_cell(cells, key, result_name, fn):
     return c
 
 
-def machine() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the architecture: ratios vs fp32 depend on it."""
     import platform
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {gpu}"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads, {gpu}"

@@ -2,7 +2,7 @@
 top-1 agreement with vitqc's quantized (integer) program on the CIFAR-10 test set.
 
     python benchmarks/executorch_pte.py [--model vits14_cifar10] [--schemes w8a8,w4a8] [--limit N]
-        [--runs 20] [--threads 1] [--calib-size 256]
+        [--runs 20] [--threads 1] [--calib-size 256] [--tag TAG]
 
 Both programs are lowered from the same float graph (vitqc's dequantized weights; the fp32 one without
 quantization), static batch 1, and run with ``executorch.runtime``. Latency: median of ``--runs`` calls after
@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the vitqc reference model")
     ap.add_argument("--calib-size", type=int, default=256)
+    ap.add_argument("--tag", default="", help="results/executorch_pte[-TAG].json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     require_shared()
@@ -99,7 +100,7 @@ def main() -> None:
                "eval_seconds": round(te.seconds)}
         rows.append(row)
         print(f"  {row}", flush=True)
-        write_result("executorch_pte", {"rows": rows, "args": vars(args), "cores": os.cpu_count(),
+        write_result("executorch_pte" + (f"-{args.tag}" if args.tag else ""), {"rows": rows, "args": vars(args), "cores": os.cpu_count(),
                                         "load_avg": os.getloadavg()})
     print("\n| model | scheme | .pte ms (fp32 .pte ms) | speedup | size MB (fp32 MB) | size ratio | delegates | "
           "agreement with vitqc | top-1 .pte / vitqc / fp32 |")
