@@ -2,7 +2,7 @@
 
     python benchmarks/calib_sources.py [--models vit_tiny_cifar10,vits14_cifar10] [--pipeline NAME]
         [--set PASS.OPTION=VALUE ...] [--limit 1000] [--calib-size 128] [--sources real,inversion,noise,...]
-        [--inversion-steps 100] [--tiny-timing] [--threads 1]
+        [--inversion-steps 100] [--inversion-opt KEY=VALUE ...] [--tiny-timing] [--threads 1]
 
 For each model (../shared reference models) the same pipeline is compiled once per calibration source and
 scored (top-1) on the same decoded CIFAR-10 test images:
@@ -53,6 +53,9 @@ def calibration(source: str, module, pre, calib_dir: Path, size: int, args) -> t
     options: dict = {}
     if source == "inversion":
         options = {"steps": args.inversion_steps, "batch_size": args.inversion_batch}
+        for item in args.inversion_opt:  # KEY=VALUE, parsed by the source's option types
+            key, _, value = item.partition("=")
+            options[key] = value
     if source in ("prompts", "learned-prompts"):
         options = {"diffusion": args.diffusion} if args.diffusion else {}
         if source == "learned-prompts":
@@ -106,6 +109,7 @@ def main() -> None:
     ap.add_argument("--sources", default="real,inversion,noise,prompts,learned-prompts")
     ap.add_argument("--inversion-steps", type=int, default=100)
     ap.add_argument("--inversion-batch", type=int, default=64)
+    ap.add_argument("--inversion-opt", action="append", default=[], help="KEY=VALUE (InversionOptions)")
     ap.add_argument("--prompt-steps", type=int, default=100)
     ap.add_argument("--diffusion", default=None, help="SD-Turbo hub id or folder (default stabilityai/sd-turbo)")
     ap.add_argument("--tiny-timing", action="store_true")
@@ -121,7 +125,8 @@ def main() -> None:
     print(f"pipeline: {pipeline} {' '.join('--set ' + o for o in args.overrides)}  (test images: {args.limit}, "
           f"calibration images per source: {args.calib_size}, threads: {args.threads})", flush=True)
     payload: dict = {"pipeline": pipeline, "overrides": args.overrides, "limit": args.limit,
-                     "calib_size": args.calib_size, "inversion_steps": args.inversion_steps, "threads": args.threads,
+                     "calib_size": args.calib_size, "inversion_steps": args.inversion_steps,
+                     "inversion_options": args.inversion_opt, "threads": args.threads,
                      "device": "cpu", "rows": []}
     for name in args.models.split(","):
         module, pre, eval_dir, calib_dir, card = load_reference_model(name)

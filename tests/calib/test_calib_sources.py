@@ -93,6 +93,31 @@ def test_inversion_loss_falls_and_beats_noise_on_target_confidence():
     assert all(p.requires_grad for p in model.parameters())  # the model is given back as it was
 
 
+def test_coarse_to_fine_inversion_optimizes_low_resolution_first():
+    import torch.nn.functional as F
+
+    model = tiny_vit()
+    labels, indices = torch.arange(4), torch.zeros(4, dtype=torch.long)
+
+    def run(**options):
+        src = InversionSource(model, PRE, NAMES, seed=0, device="cpu", steps=6, batch_size=4, **options)
+        history = []
+        return src.optimize(labels, indices, history=history), history
+
+    fine, _ = run()
+    coarse_only, history = run(coarse=4, coarse_fraction=1.0)  # every step at 4 x 4, upsampled at the end
+    assert coarse_only.shape == fine.shape == (4, 3, 16, 16) and len(history) == 6
+    low = F.interpolate(F.interpolate(coarse_only, scale_factor=0.25, mode="area"), size=(16, 16),
+                        mode="bilinear", align_corners=False)
+    smooth = lambda x: (x[..., 1:, :] - x[..., :-1, :]).abs().mean()  # noqa: E731
+    assert smooth(coarse_only) < 0.5 * smooth(fine), (smooth(coarse_only), smooth(fine))
+    assert (coarse_only - low).abs().max() < (fine - F.interpolate(F.interpolate(fine, scale_factor=0.25, mode="area"),
+                                              size=(16, 16), mode="bilinear", align_corners=False)).abs().max()
+    half, history = run(coarse=2)  # 3 steps at 8 x 8, then 3 at full resolution
+    assert half.shape == fine.shape and len(history) == 6 and not torch.equal(half, fine)
+    assert torch.equal(run()[0], fine)  # coarse = 1 is the plain optimization, deterministic
+
+
 def test_features_of_timm_vit_and_of_a_hooked_module():
     model = tiny_vit()
     x = normalise(torch.rand(2, 3, 16, 16), PRE)

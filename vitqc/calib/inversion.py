@@ -45,6 +45,8 @@ class InversionOptions:
     flip: bool = True
     jitter: float = 0.1  # brightness/contrast jitter amplitude
     init_std: float = 1.0  # scale of the initial noise around its mean (1 = the noise source's draw)
+    coarse: int = 1  # > 1: the first coarse_fraction of the steps optimize images at 1/coarse resolution
+    coarse_fraction: float = 0.5
 
 
 def patch_contrastive_loss(patches: torch.Tensor, temperature: float = 0.2, per_image: int = 16,
@@ -145,19 +147,33 @@ class InversionSource(Source):
         o = self.options
         steps = o.steps if steps is None else steps
         generator = torch.Generator().manual_seed(item_seed(self.seed, int(labels[0]), int(indices[0])) ^ len(labels))
-        z = self._init_logits(labels, indices).to(self.device).requires_grad_(True)
+        z = self._init_logits(labels, indices).to(self.device)
+        size = tuple(z.shape[-2:])
+        coarse_steps = round(o.coarse_fraction * steps) if o.coarse > 1 else 0
+        if coarse_steps:  # coarse to fine: low frequencies first, as natural images have most of their energy there
+            z = F.interpolate(z, scale_factor=1 / o.coarse, mode="area")
         targets = labels.to(self.device)
-        opt = torch.optim.Adam([z], lr=o.lr, betas=(0.5, 0.99))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
+        schedule = lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1)))  # noqa: E731
         with frozen(self.model, self.device) as model, torch.enable_grad():
-            for _ in range(steps):
-                loss, parts, _ = inversion_loss(model, self.preprocess, torch.sigmoid(z), targets, o, generator)
+            for step in range(steps):
+                if step in (0, coarse_steps):  # (re)start Adam on the current parametrisation
+                    if step and coarse_steps:
+                        z = F.interpolate(z.detach(), size=size, mode="bilinear", align_corners=False)
+                    z = z.detach().requires_grad_(True)
+                    opt = torch.optim.Adam([z], lr=o.lr * schedule(step), betas=(0.5, 0.99))
+                for group in opt.param_groups:
+                    group["lr"] = o.lr * schedule(step)
+                images = torch.sigmoid(z)
+                if images.shape[-2:] != size:
+                    images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+                loss, parts, _ = inversion_loss(model, self.preprocess, images, targets, o, generator)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                sched.step()
                 if history is not None:
                     history.append({"loss": loss.item(), **parts})
+            if z.shape[-2:] != size:
+                z = F.interpolate(z.detach(), size=size, mode="bilinear", align_corners=False)
             with torch.no_grad():
                 images = torch.sigmoid(z)
                 probs = forward(model, normalise(images, self.preprocess), want_patches=False).logits.float().softmax(-1)
