@@ -2,7 +2,7 @@
 
     python benchmarks/calib_sources.py [--models vit_tiny_cifar10,vits14_cifar10] [--pipeline NAME]
         [--set PASS.OPTION=VALUE ...] [--limit 1000] [--calib-size 128] [--sources real,inversion,noise,...]
-        [--inversion-steps 100] [--inversion-opt KEY=VALUE ...] [--tiny-timing] [--threads 1]
+        [--inversion-steps 40] [--inversion-opt KEY=VALUE ...] [--tiny-timing] [--threads 1]
 
 For each model (../shared reference models) the same pipeline is compiled once per calibration source and
 scored (top-1) on the same decoded CIFAR-10 test images:
@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=1000, help="test images (spread over classes)")
     ap.add_argument("--calib-size", type=int, default=128)
     ap.add_argument("--sources", default="real,inversion,noise,prompts,learned-prompts")
-    ap.add_argument("--inversion-steps", type=int, default=100)
+    ap.add_argument("--inversion-steps", type=int, default=40)
     ap.add_argument("--inversion-batch", type=int, default=64)
     ap.add_argument("--inversion-opt", action="append", default=[], help="KEY=VALUE (InversionOptions)")
     ap.add_argument("--prompt-steps", type=int, default=100)

@@ -73,7 +73,7 @@ def test_inversion_loss_falls_and_beats_noise_on_target_confidence():
 
     model, pre = demo.load_demo_model(), demo.demo_preprocess()  # a trained ViT (digits, 1 x 8 x 8)
     names = [str(d) for d in range(10)]
-    src = InversionSource(model, pre, names, seed=0, device="cpu", steps=40, lr=0.2, batch_size=20)
+    src = InversionSource(model, pre, names, seed=0, device="cpu", steps=40, lr=0.2, batch_size=20, w_ce=1.0, coarse=1)
     labels, indices = torch.arange(20) % 10, torch.arange(20) // 10
     history = []
     images = src.optimize(labels, indices, history=history)
@@ -100,7 +100,7 @@ def test_coarse_to_fine_inversion_optimizes_low_resolution_first():
     labels, indices = torch.arange(4), torch.zeros(4, dtype=torch.long)
 
     def run(**options):
-        src = InversionSource(model, PRE, NAMES, seed=0, device="cpu", steps=6, batch_size=4, **options)
+        src = InversionSource(model, PRE, NAMES, seed=0, device="cpu", steps=6, batch_size=4, **{"coarse": 1, **options})
         history = []
         return src.optimize(labels, indices, history=history), history
 
