@@ -33,9 +33,10 @@ from vitqc.calib.noise import noise_stats
 
 
 # Defaults tuned on vits14_cifar10 (joint-w4a4, 60 iterations at batch 8, 64 images, 2,000 test images;
-# benchmarks/results/calib_sources_vits14_inv_*.json): the former 200 steps / w_ce 1 / full resolution gave
+# benchmarks/results/calib_sources_vits14_inv_*.json): 40 steps at the former w_ce 1 and full resolution gave
 # 43.35 % top-1, these 48.30 % (real images 59.40 %). On 500 test images: 80 steps 45.2 % vs 40 steps 47.8 %,
-# w_ce 0 41.4 %, w_ce 0.05 without coarse 38.4 %: confident, high-frequency images distill worst.
+# w_ce 0 41.4 %, w_ce 0.05 without coarse 38.4 %: confident, high-frequency images distill worst. (The former
+# default of 200 steps was not better: 100 steps matched 40 on an earlier run.)
 @dataclass
 class InversionOptions:
     steps: int = 40
