@@ -180,11 +180,11 @@ def main() -> None:
                 a.update({"model": model_name, "scheme": scheme, "seconds": round(ta.seconds)})
                 agree_rows.append(a)
                 print(f"  agreement: {a}", flush=True)
-            write_result("backend_latency" + (f"-{args.tag}" if args.tag else ""), {"machine": machine, "args": vars(args), "latency": rows,
-                                             "sizes": sizes_rows, "agreement": agree_rows})
+            write_result("backend_latency", {"machine": machine, "args": vars(args), "latency": rows,
+                                             "sizes": sizes_rows, "agreement": agree_rows}, args.tag)
     machine["load_avg_end"] = os.getloadavg()
-    write_result("backend_latency" + (f"-{args.tag}" if args.tag else ""), {"machine": machine, "args": vars(args), "latency": rows, "sizes": sizes_rows,
-                                     "agreement": agree_rows})
+    write_result("backend_latency", {"machine": machine, "args": vars(args), "latency": rows, "sizes": sizes_rows,
+                                     "agreement": agree_rows}, args.tag)
     print(f"\nmachine: {machine}\n")
     print("| model | batch | scheme | variant | median ms | fp32 eager ms | speedup |")
     print("|---|---|---|---|---|---|---|")

@@ -43,7 +43,8 @@ def class_names_of(calib_dir: Path) -> list[str]:
 
 
 def calibration(source: str, module, pre, calib_dir: Path, size: int, args) -> tuple[list[torch.Tensor], dict]:
-    from vitqc.calib import calibration_batches
+    from vitqc.calib import calibration_batches, make_source
+    from vitqc.calib.spec import parse_options
     from vitqc.data import load_calibration
 
     if source == "real":
@@ -52,16 +53,18 @@ def calibration(source: str, module, pre, calib_dir: Path, size: int, args) -> t
         return batches, {"seconds_generate": round(t.seconds, 2)}
     options: dict = {}
     if source == "inversion":
-        options = {"steps": args.inversion_steps, "batch_size": args.inversion_batch}
-        for item in args.inversion_opt:  # KEY=VALUE, parsed by the source's option types
-            key, _, value = item.partition("=")
-            options[key] = value
+        options = {"steps": args.inversion_steps, "batch_size": args.inversion_batch,
+                   **parse_options("inversion", None, args.inversion_opt)}  # as `--opt KEY=VALUE` of the CLI
     if source in ("prompts", "learned-prompts"):
         options = {"diffusion": args.diffusion} if args.diffusion else {}
         if source == "learned-prompts":
             options.update(steps=args.prompt_steps)
-    return calibration_batches(source, module, pre, class_names_of(calib_dir), size=size, seed=0, quiet=True,
-                               **options)
+    # the source is built first: calibration_batches' own batch_size is the output batching, so passing the
+    # source's batch_size through it never reached the source; inversion's output stays in batches of
+    # --inversion-batch as in every recorded run
+    built = make_source(source, module, pre, class_names_of(calib_dir), seed=0, quiet=True, **options)
+    return calibration_batches(built, module, pre, built.class_names, size=size, seed=0, quiet=True,
+                               batch_size=options.get("batch_size", 32))
 
 
 def tiny_timing(threads: int) -> dict:

@@ -69,9 +69,10 @@ def without(pipeline, *names):
     return pipe
 
 
-def write_result(name: str, payload: dict) -> Path:
+def write_result(name: str, payload: dict, tag: str = "") -> Path:
+    """results/NAME[-TAG].json, written atomically."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = RESULTS / (f"{name}-{tag}.json" if tag else f"{name}.json")
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     tmp.replace(path)

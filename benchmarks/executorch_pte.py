@@ -100,8 +100,8 @@ def main() -> None:
                "eval_seconds": round(te.seconds)}
         rows.append(row)
         print(f"  {row}", flush=True)
-        write_result("executorch_pte" + (f"-{args.tag}" if args.tag else ""), {"rows": rows, "args": vars(args), "cores": os.cpu_count(),
-                                        "load_avg": os.getloadavg()})
+        write_result("executorch_pte", {"rows": rows, "args": vars(args), "cores": os.cpu_count(),
+                                        "load_avg": os.getloadavg()}, args.tag)
     print("\n| model | scheme | .pte ms (fp32 .pte ms) | speedup | size MB (fp32 MB) | size ratio | delegates | "
           "agreement with vitqc | top-1 .pte / vitqc / fp32 |")
     print("|---|---|---|---|---|---|---|---|---|")
