@@ -174,27 +174,23 @@ class InversionSource(Source):
         if coarse_steps:  # coarse to fine: low frequencies first, as natural images have most of their energy there
             z = F.interpolate(z, scale_factor=1 / factor, mode="area")
         targets = labels.to(self.device)
+        full = lambda t: t if t.shape[-2:] == size else F.interpolate(  # noqa: E731
+            t, size=size, mode="bilinear", align_corners=False)
         schedule = lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1)))  # noqa: E731
         with frozen(self.model, self.device) as model, torch.enable_grad():
             for step in range(steps):
-                if step in (0, coarse_steps):  # (re)start Adam on the current parametrisation
-                    if step and coarse_steps:
-                        z = F.interpolate(z.detach(), size=size, mode="bilinear", align_corners=False)
-                    z = z.detach().requires_grad_(True)
-                    opt = torch.optim.Adam([z], lr=o.lr * schedule(step), betas=(0.5, 0.99))
+                if step in (0, coarse_steps):  # (re)start Adam: on the coarse image, then on its upsampling
+                    z = (full(z) if step else z).detach().requires_grad_(True)
+                    opt = torch.optim.Adam([z], lr=o.lr, betas=(0.5, 0.99))
                 for group in opt.param_groups:
                     group["lr"] = o.lr * schedule(step)
-                images = torch.sigmoid(z)
-                if images.shape[-2:] != size:
-                    images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-                loss, parts, _ = inversion_loss(model, self.preprocess, images, targets, o, generator)
+                loss, parts, _ = inversion_loss(model, self.preprocess, full(torch.sigmoid(z)), targets, o, generator)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 if history is not None:
                     history.append({"loss": loss.item(), **parts})
-            if z.shape[-2:] != size:
-                z = F.interpolate(z.detach(), size=size, mode="bilinear", align_corners=False)
+            z = full(z.detach())
             with torch.no_grad():
                 images = torch.sigmoid(z)
                 probs = forward(model, normalise(images, self.preprocess), want_patches=False).logits.float().softmax(-1)
