@@ -34,6 +34,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from vitqc.quant.fused import fake_quant_static, fake_quant_token, fused_enabled
+
 __all__ = ["UniformQuantizer", "round_ste", "grad_scale", "TERNARY_BITS", "VALID_BITS"]
 
 TERNARY_BITS = 1.58
@@ -254,7 +256,11 @@ class UniformQuantizer(nn.Module):
             return x
         n_groups = 1 if self.granularity == "tensor" else self.scale.numel()
         # LSQ gradient scale; `** -0.5` (not math.sqrt) keeps a symbolic numel symbolic under torch.export.
-        s = grad_scale(self.scale.clamp_min(_EPS), (x.numel() // n_groups * qmax) ** -0.5)
+        lsq = (x.numel() // n_groups * qmax) ** -0.5
+        if self._use_fused(x):
+            zp = None if self.symmetric else self._broadcast(self.zero_point, x)
+            return fake_quant_static(x, self._broadcast(self.scale, x), zp, qmin, qmax, _EPS, lsq)
+        s = grad_scale(self.scale.clamp_min(_EPS), lsq)
         s = self._broadcast(s, x)
         v = round_ste(x / s)
         if self.symmetric:
@@ -270,7 +276,10 @@ class UniformQuantizer(nn.Module):
         xd = x.detach()
         if x.numel() == 0:
             return x
-        r = grad_scale(self.clip_ratio.clamp_min(_EPS), (x.numel() * qmax) ** -0.5)
+        lsq = (x.numel() * qmax) ** -0.5
+        if self._use_fused(x):
+            return fake_quant_token(x, self.clip_ratio, qmin, qmax, self.symmetric, _EPS, lsq)
+        r = grad_scale(self.clip_ratio.clamp_min(_EPS), lsq)
         if self.symmetric:
             s = (r * xd.abs().amax(-1, keepdim=True) / qmax).clamp_min(_EPS)
             out = torch.clamp(round_ste(x / s), qmin, qmax) * s
@@ -282,6 +291,15 @@ class UniformQuantizer(nn.Module):
             z = (qmin - torch.round(r.detach() * lo / s.detach())).clamp(qmin, qmax)
             out = (torch.clamp(round_ste(x / s) + z, qmin, qmax) - z) * s
         return out.to(x.dtype)
+
+    def _use_fused(self, x: Tensor) -> bool:
+        """The fused autograd path (vitqc.quant.fused) serves eager training only: it is taken when a gradient
+        is wanted, and never while torch.compile / torch.export trace (they capture the plain ops above)."""
+        if not (fused_enabled() and torch.is_grad_enabled()) or type(x) not in (Tensor, nn.Parameter):
+            return False
+        if torch.compiler.is_compiling():
+            return False
+        return x.requires_grad or any(p.requires_grad for p in self.parameters(recurse=False))
 
     def _channel_shape(self, ndim: int) -> list[int]:
         axis = self.ch_axis if self.ch_axis >= 0 else self.ch_axis + ndim
