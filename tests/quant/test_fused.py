@@ -95,3 +95,18 @@ def test_plain_path_without_gradients() -> None:
     ep = torch.export.export(q, (x,))
     ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert not any("FakeQuant" in o or "autograd_function" in o for o in ops)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "token"])
+def test_fused_codes_in_float32_for_bf16_inputs(granularity) -> None:
+    """Under autocast activations arrive as bf16; the codes are those of the float32 values (as deployed)."""
+    x = (torch.randn(4, 9, 16) * 3).bfloat16()
+    q = _quantizer(8, False, granularity, x.float())
+    xr = x.clone().requires_grad_(True)
+    out = q(xr)
+    assert out.dtype == torch.bfloat16
+    with torch.no_grad():
+        expected = q(x.float()).bfloat16()
+    assert torch.equal(out.detach(), expected)
+    out.float().sum().backward()
+    assert xr.grad.dtype == torch.bfloat16

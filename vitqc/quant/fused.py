@@ -46,6 +46,13 @@ def fused_fake_quant(enabled: bool) -> Iterator[None]:
         _ENABLED = saved
 
 
+def _f32(x: Tensor) -> Tensor:
+    """Codes are computed in float32 even when autocast hands the quantizer bf16/fp16 activations: a bf16
+    ``x / s`` cannot hold a code and its fraction (8 bits of mantissa), and the materialized integer program
+    computes its codes in float32 too. (The plain path, used for export in float32, needs no such cast.)"""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _reduce_to(t: Tensor, like: Tensor) -> Tensor:
     """Sum ``t`` over the dimensions that ``like`` broadcasts (0-d: everything)."""
     if like.dim() == 0:
@@ -60,7 +67,7 @@ def _backward_terms(x: Tensor, s: Tensor, z: Tensor | None, qmin: int, qmax: int
     ``inside``: the code ``round(x/s) + z`` lies in ``[qmin, qmax]`` (it equals its clamp). The step term is
     ``q - z - x/s`` inside the range and ``clamp(q) - z`` outside, i.e. ``clamp(q) - z - inside * x/s``.
     """
-    t = x / s
+    t = _f32(x) / s
     q = t.round()
     if z is not None:
         q = q.add_(z)
@@ -79,7 +86,7 @@ class _FakeQuantStatic(torch.autograd.Function):
                 lsq: float) -> Tensor:
         s = scale.clamp_min(eps)
         z = None if zero_point is None else zero_point.round().clamp(qmin, qmax)
-        out = torch.div(x, s).round_()
+        out = torch.div(_f32(x), s).round_()
         if z is not None:
             out = out.add_(z).clamp_(qmin, qmax).sub_(z)
         else:
@@ -119,19 +126,20 @@ class _FakeQuantToken(torch.autograd.Function):
     def forward(ctx, x: Tensor, clip_ratio: Tensor, qmin: int, qmax: int, symmetric: bool, eps: float,
                 lsq: float) -> Tensor:
         r = clip_ratio.clamp_min(eps)
+        xf = _f32(x)
         # the same op order as UniformQuantizer._forward_token (r * range / levels), so the same scales
         if symmetric:
-            amax = x.abs().amax(-1, keepdim=True)
+            amax = xf.abs().amax(-1, keepdim=True)
             s_raw, span = r * amax / qmax, amax / qmax
             s = s_raw.clamp_min(eps)
             z = None
         else:
-            lo = x.amin(-1, keepdim=True).clamp(max=0.0)
-            hi = x.amax(-1, keepdim=True).clamp(min=0.0)
+            lo, hi = xf.aminmax(dim=-1, keepdim=True)
+            lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
             s_raw, span = r * (hi - lo) / (qmax - qmin), (hi - lo) / (qmax - qmin)
             s = s_raw.clamp_min(eps)
             z = (qmin - torch.round(r * lo / s)).clamp(qmin, qmax)
-        out = torch.div(x, s).round_()
+        out = torch.div(_f32(x), s).round_()
         if z is not None:
             out = out.add_(z).clamp_(qmin, qmax).sub_(z)
         else:
