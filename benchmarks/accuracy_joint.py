@@ -104,7 +104,9 @@ def ablations(args) -> None:
         "no-refine": lambda: compiled_cell(module, without(joint, "weight_refine"), calib, test, args.iterations),
         "calib-32": lambda: compiled_cell(module, joint, list(flat[:32].split(32)), test, args.iterations),
         "calib-256": lambda: compiled_cell(module, joint, list(flat[:256].split(32)), test, args.iterations),
-        "calib-1000": lambda: compiled_cell(module, joint, calib, test, args.iterations),
+        # with the full 1,000-image calibration set this is the joint run itself: reuse its cell, do not rerun it
+        "calib-1000": ((lambda: dict(cells[f"{args.model}/{args.scheme}/joint"], same_as="joint")) if len(flat) == 1000
+                       else (lambda: compiled_cell(module, joint, list(flat[:1000].split(32)), test, args.iterations))),
     }
     for label, fn in variants.items():
         run_cell(cells, f"{args.model}/{args.scheme}/{label}", args.result, fn)
