@@ -78,6 +78,16 @@ def _backward_terms(x: Tensor, s: Tensor, z: Tensor | None, qmin: int, qmax: int
     return inside, qc.sub_(torch.where(inside, t, 0.0))
 
 
+def _fake_quant_forward(x: Tensor, s: Tensor, z: Tensor | None, qmin: int, qmax: int) -> Tensor:
+    """``(clamp(round(x/s) + z, qmin, qmax) - z) * s`` in place on one fresh tensor, in ``x``'s dtype."""
+    out = torch.div(_f32(x), s).round_()
+    if z is not None:
+        out = out.add_(z).clamp_(qmin, qmax).sub_(z)
+    else:
+        out = out.clamp_(qmin, qmax)
+    return out.mul_(s).to(x.dtype)
+
+
 class _FakeQuantStatic(torch.autograd.Function):
     """Tensor or channel granularity: ``s`` and ``z`` are already shaped to broadcast against ``x``."""
 
@@ -86,15 +96,10 @@ class _FakeQuantStatic(torch.autograd.Function):
                 lsq: float) -> Tensor:
         s = scale.clamp_min(eps)
         z = None if zero_point is None else zero_point.round().clamp(qmin, qmax)
-        out = torch.div(_f32(x), s).round_()
-        if z is not None:
-            out = out.add_(z).clamp_(qmin, qmax).sub_(z)
-        else:
-            out = out.clamp_(qmin, qmax)
-        out = out.mul_(s)
+        out = _fake_quant_forward(x, s, z, qmin, qmax)
         ctx.save_for_backward(x, scale, zero_point)
         ctx.consts = (qmin, qmax, eps, lsq)
-        return out.to(x.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -139,15 +144,10 @@ class _FakeQuantToken(torch.autograd.Function):
             s_raw, span = r * (hi - lo) / (qmax - qmin), (hi - lo) / (qmax - qmin)
             s = s_raw.clamp_min(eps)
             z = (qmin - torch.round(r * lo / s)).clamp(qmin, qmax)
-        out = torch.div(_f32(x), s).round_()
-        if z is not None:
-            out = out.add_(z).clamp_(qmin, qmax).sub_(z)
-        else:
-            out = out.clamp_(qmin, qmax)
-        out = out.mul_(s)
+        out = _fake_quant_forward(x, s, z, qmin, qmax)
         ctx.save_for_backward(x, clip_ratio, span, s_raw, s, z)
         ctx.consts = (qmin, qmax, eps, lsq)
-        return out.to(x.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
