@@ -1,7 +1,8 @@
 """Issue 3's accuracy table and ablations: FP vs minmax-* vs joint-* on the reference models.
 
     python benchmarks/accuracy_joint.py table     [--models vit_tiny_cifar10,...] [--schemes w4a4,...]
-                                                  [--iterations N] [--batch-size N] [--limit N] [--result NAME]
+                                                  [--families minmax,joint] [--iterations N] [--batch-size N]
+                                                  [--limit N] [--result NAME]
     python benchmarks/accuracy_joint.py ablations [--model vit_tiny_cifar10] [--scheme w4a4]
                                                   [--iterations N] [--limit N] [--result NAME]
 
@@ -79,7 +80,7 @@ def table(args) -> None:
         fp_result = fp_cell(module, test)
         run_cell(cells, f"{name}/fp32", args.result, lambda: fp_result)
         for scheme in args.schemes.split(","):
-            for family in ("minmax", "joint"):
+            for family in args.families.split(","):
                 run_cell(cells, f"{name}/{family}-{scheme}", args.result,
                          lambda: compiled_cell(module, f"{family}-{scheme}", calib, test, args.iterations))
     print_table(cells, args.models.split(","), args.schemes.split(","))
@@ -142,6 +143,7 @@ def main() -> None:
     t = sub.add_parser("table")
     t.add_argument("--models", default="vit_tiny_cifar10,vit_tiny_mnist,vits14_cifar10")
     t.add_argument("--schemes", default=",".join(SCHEMES))
+    t.add_argument("--families", default="minmax,joint", help="which pipeline families to run (minmax, joint)")
     a = sub.add_parser("ablations")
     a.add_argument("--model", default="vit_tiny_cifar10")
     a.add_argument("--scheme", default="w4a4")
