@@ -1,13 +1,15 @@
 """Throughput of one joint-optimization step (teacher forward + student forward and backward + Adam).
 
-    python benchmarks/joint_throughput.py [--model vit_small_patch16_224] [--batch 32] [--steps 10] [--device cuda]
-                                          [--granularity token|tensor] [--activation-checkpointing]
+    python benchmarks/joint_throughput.py [--model vit_small_patch16_224] [--img-size N] [--batch 32] [--steps 10]
+                                          [--device cuda] [--granularity token|tensor] [--repeats 3]
+                                          [--activation-checkpointing]
 
 Random weights and random images (timing only). Activations are quantized per token by default, as the
-shipped joint-w4a4 recipe does. Each run times the step twice in the same process, with the fused
-fake-quant training path (vitqc.quant.fused, the default) and with the plain ops, and prints both and their
-ratio. Peak memory: CUDA max allocated per setting; on CPU the process's peak resident set size (one figure
-for the whole run, so compare memory settings in separate processes). Rows go to
+shipped joint-w4a4 recipe does. Each run times the step in the same process with the fused fake-quant
+training path (vitqc.quant.fused, the default) and with the plain ops, alternating them --repeats times, and
+prints the median of each and their ratio. Memory: what the student's autograd graph keeps for backward
+(counted, so comparable anywhere), and the peak: CUDA max allocated per setting, on CPU the process's peak
+resident set size (one figure for the whole run: compare such settings in separate processes). Rows go to
 results/joint_throughput-<device>.json.
 """
 from __future__ import annotations
@@ -30,16 +32,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="vit_small_patch16_224")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--img-size", type=int, default=None, help="e.g. 112 for vit_small_patch14_dinov2 as vits14_cifar10")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="alternate plain and fused this many times (median)")
     ap.add_argument("--bits", default="w4a4")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--granularity", default="token", choices=("token", "tensor"), help="activation quantizers")
     ap.add_argument("--activation-checkpointing", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False).eval()
-    size = model.default_cfg["input_size"][1]
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    model = timm.create_model(args.model, pretrained=False, **kwargs).eval()
+    size = args.img_size or model.default_cfg["input_size"][1]
     calib = [torch.randn(args.batch, 3, size, size)]
     w, a = args.bits[1:].split("a")
     steps = args.steps + args.warmup
@@ -80,17 +85,21 @@ def main() -> None:
             gm(calib[0])
         return sum(seen.values()) / 2**30
 
-    # plain first: on CPU the process's peak RSS then grows only if the fused path needs more
-    plain, plain_peak = seconds_per_step(False)
-    fused, fused_peak = seconds_per_step(True)
+    # plain first: on CPU the process's peak RSS then grows only if the fused path needs more. Alternated
+    # --repeats times, median of each: a shared machine's drift then hits both alike.
+    runs: dict[bool, list[tuple[float, str]]] = {False: [], True: []}
+    for _ in range(args.repeats):
+        for mode in (False, True):
+            runs[mode].append(seconds_per_step(mode))
+    (plain, plain_peak), (fused, fused_peak) = (sorted(runs[m])[len(runs[m]) // 2] for m in (False, True))
     plain_saved, fused_saved = saved_for_backward_gib(False), saved_for_backward_gib(True)
-    key = ("model", "device", "batch", "bits", "granularity", "activation_checkpointing", "threads")
-    row = {"model": args.model, "device": args.device, "threads": torch.get_num_threads(), "batch": args.batch,
+    key = ("model", "img_size", "device", "batch", "bits", "granularity", "activation_checkpointing", "threads")
+    row = {"model": args.model, "img_size": size, "device": args.device, "threads": torch.get_num_threads(), "batch": args.batch,
            "bits": args.bits, "granularity": args.granularity,
            "activation_checkpointing": args.activation_checkpointing, "steps": args.steps,
            "it_per_s": round(1 / fused, 4), "s_per_it": round(fused, 4), "peak_memory": fused_peak,
            "plain_it_per_s": round(1 / plain, 4), "plain_peak_memory": plain_peak,
-           "fused_speedup": round(plain / fused, 3), "saved_for_backward_gib": round(fused_saved, 3),
+           "repeats": args.repeats, "fused_speedup": round(plain / fused, 3), "saved_for_backward_gib": round(fused_saved, 3),
            "plain_saved_for_backward_gib": round(plain_saved, 3), "machine": machine()}
     name = f"joint_throughput-{args.device.split(':')[0]}"
     rows = json.loads((RESULTS / f"{name}.json").read_text())["rows"] if (RESULTS / f"{name}.json").exists() else []
