@@ -34,6 +34,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from vitqc.quant.intops import token_qparams
+
 __all__ = ["fake_quant_static", "fake_quant_token", "fused_enabled", "fused_fake_quant"]
 
 _ENABLED = True
@@ -132,19 +134,8 @@ class _FakeQuantToken(torch.autograd.Function):
     def forward(ctx, x: Tensor, clip_ratio: Tensor, qmin: int, qmax: int, symmetric: bool, eps: float,
                 lsq: float) -> Tensor:
         r = clip_ratio.clamp_min(eps)
-        xf = _f32(x)
-        # the same op order as UniformQuantizer._forward_token (r * range / levels), so the same scales
-        if symmetric:
-            amax = xf.abs().amax(-1, keepdim=True)
-            s_raw, span = r * amax / qmax, amax / qmax
-            s = s_raw.clamp_min(eps)
-            z = None
-        else:
-            lo = xf.amin(-1, keepdim=True).clamp(max=0.0)
-            hi = xf.amax(-1, keepdim=True).clamp(min=0.0)
-            s_raw, span = r * (hi - lo) / (qmax - qmin), (hi - lo) / (qmax - qmin)
-            s = s_raw.clamp_min(eps)
-            z = (qmin - torch.round(r * lo / s)).clamp(qmin, qmax)
+        s_raw, s, z = token_qparams(_f32(x), r, qmin, qmax, symmetric)
+        span = s_raw / r  # d s_raw / d r: the row's range over the number of levels
         out, inside = _fake_quant_forward(x, s, z, qmin, qmax)
         ctx.save_for_backward(x, out, inside, clip_ratio, span, s_raw, s)
         ctx.consts = (qmin, qmax, eps, lsq)

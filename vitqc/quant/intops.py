@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["EPS", "act_codes", "int8_matmul", "integer_linear", "patches", "integer_matmul", "shift_for"]
+__all__ = ["EPS", "token_qparams", "act_codes", "int8_matmul", "integer_linear", "patches", "integer_matmul", "shift_for"]
 
 EPS = 1e-8  # the smallest scale a quantizer uses (UniformQuantizer's _EPS)
 
@@ -29,6 +29,22 @@ EPS = 1e-8  # the smallest scale a quantizer uses (UniformQuantizer's _EPS)
 def shift_for(qmax: int) -> int:
     """Subtracted from codes so that they fit int8: only the asymmetric 8-bit grid [0, 255] needs it."""
     return 128 if qmax > 127 else 0
+
+
+def token_qparams(x: Tensor, ratio: Tensor | float, qmin: int, qmax: int,
+                  symmetric: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(s_raw, s, z)`` per row of the last dim for dynamic per-token quantization with clip ratio ``ratio``:
+    ``s_raw = ratio * range / levels``, ``s = max(s_raw, EPS)``, ``z = clamp(qmin - round(ratio * lo / s))``
+    (None when symmetric). The one definition that training (plain and fused), the clip-ratio search and the
+    integer kernels share: the same float ops in the same order, so the same codes everywhere."""
+    if symmetric:
+        s_raw = ratio * x.abs().amax(-1, keepdim=True) / qmax
+        return s_raw, s_raw.clamp_min(EPS), None
+    lo = x.amin(-1, keepdim=True).clamp(max=0.0)
+    hi = x.amax(-1, keepdim=True).clamp(min=0.0)
+    s_raw = ratio * (hi - lo) / (qmax - qmin)
+    s = s_raw.clamp_min(EPS)
+    return s_raw, s, (qmin - torch.round(ratio * lo / s)).clamp(qmin, qmax)
 
 
 def act_codes(x: Tensor, *, granularity: str, qmin: int, qmax: int, symmetric: bool, scale: Tensor | None = None,
@@ -52,15 +68,10 @@ def act_codes(x: Tensor, *, granularity: str, qmin: int, qmax: int, symmetric: b
     if granularity != "token":
         raise ValueError(f"integer activation codes need tensor or token granularity, not {granularity!r}")
     assert clip_ratio is not None
-    r = clip_ratio.clamp_min(EPS)
-    if symmetric:
-        s = (r * x.abs().amax(-1, keepdim=True) / qmax).clamp_min(EPS)
+    _, s, z = token_qparams(x, clip_ratio.clamp_min(EPS), qmin, qmax, symmetric)
+    if z is None:
         q = torch.clamp(torch.round(x / s), qmin, qmax)
         return (q - shift if shift else q), s, torch.zeros_like(s)
-    lo = x.amin(-1, keepdim=True).clamp(max=0.0)
-    hi = x.amax(-1, keepdim=True).clamp(min=0.0)
-    s = (r * (hi - lo) / (qmax - qmin)).clamp_min(EPS)
-    z = (qmin - torch.round(r * lo / s)).clamp(qmin, qmax)
     return torch.clamp(torch.round(x / s) + (z - shift), qmin - shift, qmax - shift), s, z
 
 

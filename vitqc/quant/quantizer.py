@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from vitqc.quant.fused import fake_quant_static, fake_quant_token, fused_enabled
+from vitqc.quant.intops import token_qparams
 
 __all__ = ["UniformQuantizer", "round_ste", "grad_scale", "TERNARY_BITS", "VALID_BITS"]
 
@@ -106,14 +107,9 @@ def _quantile(x: Tensor, q: float, dim: int = -1) -> Tensor:
 
 def _token_fake_quant(x: Tensor, ratio: Tensor | float, qmin: int, qmax: int, symmetric: bool) -> Tensor:
     """Hard dynamic per-token fake quantization (rows of the last dim), for the clip-ratio search."""
-    if symmetric:
-        amax = x.abs().amax(-1, keepdim=True)
-        s = (ratio * amax / qmax).clamp_min(_EPS)
+    _, s, z = token_qparams(x, ratio, qmin, qmax, symmetric)
+    if z is None:
         return torch.clamp(torch.round(x / s), qmin, qmax) * s
-    lo = x.amin(-1, keepdim=True).clamp(max=0.0)
-    hi = x.amax(-1, keepdim=True).clamp(min=0.0)
-    s = (ratio * (hi - lo) / (qmax - qmin)).clamp_min(_EPS)
-    z = (qmin - torch.round(ratio * lo / s)).clamp(qmin, qmax)
     return _fake_quant(x, s, z, qmin, qmax)
 
 
@@ -280,15 +276,11 @@ class UniformQuantizer(nn.Module):
         if self._use_fused(x):
             return fake_quant_token(x, self.clip_ratio, qmin, qmax, self.symmetric, _EPS, lsq)
         r = grad_scale(self.clip_ratio.clamp_min(_EPS), lsq)
-        if self.symmetric:
-            s = (r * xd.abs().amax(-1, keepdim=True) / qmax).clamp_min(_EPS)
+        # z = qmin - round(r*lo/s) does not depend on r (it cancels) and round() passes no gradient
+        _, s, z = token_qparams(xd, r, qmin, qmax, self.symmetric)
+        if z is None:
             out = torch.clamp(round_ste(x / s), qmin, qmax) * s
         else:
-            lo = xd.amin(-1, keepdim=True).clamp(max=0.0)
-            hi = xd.amax(-1, keepdim=True).clamp(min=0.0)
-            s = (r * (hi - lo) / (qmax - qmin)).clamp_min(_EPS)
-            # z = qmin - round(r*lo/s) does not depend on r (it cancels), so no gradient path is lost.
-            z = (qmin - torch.round(r.detach() * lo / s.detach())).clamp(qmin, qmax)
             out = (torch.clamp(round_ste(x / s) + z, qmin, qmax) - z) * s
         return out.to(x.dtype)
 
