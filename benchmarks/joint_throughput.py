@@ -72,9 +72,11 @@ def main() -> None:
             peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS so far)"
         return (timings["all"] - timings["warmup"]) / args.steps, peak
 
+    # the student before joint_optimize, for counting what its autograd graph keeps (one compile serves both paths)
+    student = vitqc.compile(model, Pipeline.from_list(pipeline(1).steps[:-1]), calib, quiet=True)
+
     def saved_for_backward_gib(fused: bool) -> float:
         """What the student's autograd graph keeps from forward to backward for one batch (device-independent)."""
-        gm = vitqc.compile(model, Pipeline.from_list(pipeline(1).steps[:-1]), calib, quiet=True)
         seen: dict[int, int] = {}
 
         def pack(t):
@@ -82,7 +84,7 @@ def main() -> None:
             return t
 
         with fused_fake_quant(fused), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            gm(calib[0])
+            student(calib[0])
         return sum(seen.values()) / 2**30
 
     # plain first: on CPU the process's peak RSS then grows only if the fused path needs more. Alternated
