@@ -29,7 +29,9 @@ def test_float_program_plans_each_layer(w4a8):
     assert by_path["patch_embed.proj"].device_weight == "fp32"
     # vitqc's scales are handed over as they are; the float graph holds the dequantized weights
     assert torch.equal(by_path["blocks.0.mlp.fc1"].scale, w4a8.get_submodule("blocks.0.mlp.fc1").weight_scale.reshape(-1))
-    assert torch.equal(gm.get_submodule("blocks.0.mlp.fc1").weight, w4a8.get_submodule("blocks.0.mlp.fc1").dequantized_weight())
+    # ... behind vitqc's own input quantizer, which the .pte computes in fp32
+    assert torch.equal(gm.get_submodule("blocks.0.mlp.fc1.layer").weight, w4a8.get_submodule("blocks.0.mlp.fc1").dequantized_weight())
+    assert by_path["blocks.0.mlp.fc1"].device_act == "re-quantized"  # static A8: XNNPACK rounds it again per row
     line = describe_substitution(plans)
     assert "\n" not in line and "XNNPACK W4/8A8" in line and "dynamic int8" in line
 
@@ -49,3 +51,42 @@ def test_pte_loads_runs_and_follows_vitqc(w4a8, tmp_path):
     # dynamic A8 instead of vitqc's static A8: close, not identical
     assert float((got - ref).abs().max() / ref.abs().max()) < 0.1
     assert [l["device"] for l in result.layers if l["path"] == "blocks.0.mlp.fc1"] == ["qc4w+dynA8"]
+
+
+W4A4_TOKEN = ("canonicalize,insert_quantizers{weight_bits=4,act_bits=4,act_granularity='token',keep={head=8,patch_embed=8}},"
+              "calibrate,materialize")
+
+
+def test_per_token_a4_runs_exactly_as_vitqc(tmp_path):
+    """XNNPACK's dynamic int8 re-quantizes vitqc's A4 per-token codes without loss (x17), so the .pte computes
+    vitqc's integer program up to float rounding; the static A8 model above only comes close."""
+    q = vitqc.compile(tiny_vit(), W4A4_TOKEN, _calib(), quiet=True)
+    result = lower_executorch(q, batch=2, announce=None)
+    assert {l["activation"] for l in result.layers} == {"exact"}
+    assert "taken exactly" in result.substitution
+    method = load_pte(save_pte(result, tmp_path / "m.pte"))
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    got = run_pte(method, x, batch=2)
+    with torch.no_grad():
+        ref = q(x)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+    assert torch.equal(got.argmax(1), ref.argmax(1))
+
+
+@pytest.mark.parametrize("bits,granularity,symmetric,ratio,expected", [
+    (8, "token", False, 1.0, "exact"), (4, "token", False, 0.9, "exact"), (2, "token", False, 1.0, "exact"),
+    (3, "token", False, 1.0, "re-quantized"),  # 7 steps do not divide 255
+    (4, "token", True, 1.0, "re-quantized"),  # a symmetric row need not reach both ends of the grid
+    (4, "token", False, 1.2, "re-quantized"),  # a ratio above 1 leaves the ends of the grid unused
+    (8, "tensor", False, None, "re-quantized"),  # a static range: rows need not reach its ends
+])
+def test_which_activation_grids_xnnpack_takes_exactly(bits, granularity, symmetric, ratio, expected):
+    from vitqc.backends.executorch import _device_act
+    from vitqc.backends.program import ActQuant
+
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
+    if granularity == "token":
+        act = ActQuant("token", qmin, qmax, clip_ratio=torch.tensor(ratio))
+    else:
+        act = ActQuant("tensor", qmin, qmax, scale=torch.tensor(0.1), zero_point=torch.tensor(3.0))
+    assert _device_act(act) == expected

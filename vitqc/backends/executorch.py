@@ -1,19 +1,22 @@
 """ExecuTorch lowering: vitqc's quantized program -> PT2E (XNNPACK dynamic int8) -> ``.pte``.
 
-What XNNPACK can run: linear layers with int8 activations quantized *dynamically* (XNNPACK computes the
-activation range at run time) and symmetric per-channel weights of 8 bits (qc8w) or 4 bits (qc4w). Static
-activation ranges would need an output quantizer on every linear (XNNPACK's static int8 linear has an int8
-output), which vitqc's graphs do not have; so vitqc's activation quantizers are *not* reproduced on device:
+What XNNPACK can run: linear layers with int8 activations quantized *dynamically* (XNNPACK computes an
+asymmetric range per row at run time) and symmetric per-channel weights of 8 bits (qc8w) or 4 bits (qc4w).
+Static activation ranges would need an output quantizer on every linear (XNNPACK's static int8 linear has an
+int8 output), which vitqc's graphs do not have. So the program keeps vitqc's own activation quantizers:
 
 * weights: vitqc's integer codes and per-channel scales are kept exactly (a fixed-qparams observer hands
   PT2E the artifact's scales; the FP weight it quantizes is the artifact's dequantized weight, so
   ``round(w/s)`` gives back the codes). Codes of 2-4 bits and ternary codes fit int4 [-8, 7] exactly and go
   as qc4w; 5-8 bits as qc8w. Asymmetric weights cannot be expressed (XNNPACK weights are symmetric) and are
   re-quantized symmetric 8-bit per channel from the dequantized weight (a min-max observer).
-* activations: every quantized linear input becomes XNNPACK's dynamic int8, whatever vitqc chose (A8
-  static, A4, A3, per-token...). Attention matmuls, softmax, LayerNorm, GELU run in fp32 (XNNPACK fp32
-  kernels where it has them, portable kernels otherwise). The patch-embedding conv runs in fp32 with the
-  dequantized vitqc weights.
+* activations: each linear's input goes through vitqc's quantizer, computed in fp32 with the same float ops
+  (:class:`QuantizedInput`), and XNNPACK's dynamic int8 then quantizes those values again. For per-token
+  asymmetric grids of 255 / k steps (A8, A4, A2) that second quantization is exact, so the linear computes
+  vitqc's integer GEMM (see :func:`_device_act`); other grids (A3, A6, static per-tensor) are re-rounded to
+  XNNPACK's per-row 8-bit grid. Attention matmuls run as vitqc's program computes them (codes and GEMM in
+  fp32, exact below 2^24), as do softmax, LayerNorm and GELU (XNNPACK fp32 kernels where it has them,
+  portable kernels otherwise). The patch-embedding conv runs in fp32 on vitqc's dequantized codes and weights.
 
 :func:`describe_substitution` states this in one line before lowering; ``lower_executorch`` returns the
 delegate count and the per-layer mapping, and the caller re-measures accuracy of what was lowered
@@ -35,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from vitqc.backends.program import Region, finish, integer_layers, modules_by_type, stack_paths
+from vitqc.backends.program import ActBuffers, ActQuant, Unsupported, act_quant, finish, integer_layers
 from vitqc.errors import VitqcError
 
 __all__ = ["PteResult", "lower_executorch", "describe_substitution", "float_program", "save_pte", "load_pte",
@@ -51,6 +54,39 @@ class _LayerPlan:
     scale: Tensor | None  # per-channel weight scale handed to PT2E (None: observer computes it)
     qmin: int
     qmax: int
+    device_act: str = "fp32"  # how vitqc's input quantizer runs on device (see _device_act)
+
+
+class QuantizedInput(nn.Module):
+    """``layer(dequantize(vitqc's activation codes of x))``: vitqc's input quantizer, computed with the same
+    float ops (:func:`vitqc.quant.intops.act_codes`), in front of the float layer that PT2E then quantizes."""
+
+    def __init__(self, act: ActQuant, layer: nn.Module) -> None:
+        super().__init__()
+        self.act, self.layer = ActBuffers(act), layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, s, z = self.act.codes(x)
+        return self.layer((q - z) * s)
+
+
+def _device_act(act: ActQuant | None) -> str:
+    """How XNNPACK's dynamic int8 (per row: asymmetric, range including 0) takes vitqc's dequantized codes.
+
+    Per token on an asymmetric grid with clip ratio <= 1, vitqc's codes span the whole grid in every row (the
+    clip saturates both ends; a row without negatives has zero point qmin and XNNPACK's range starts at 0
+    too), so XNNPACK's row range is exactly the grid's
+    and its step is vitqc's step * (qmax - qmin) / 255. When the number of steps divides 255 (A8, A4, A2),
+    XNNPACK's codes are vitqc's codes times 255 / (qmax - qmin) plus a constant, and the integer GEMM gives
+    vitqc's result up to float rounding: "exact". Otherwise (A3, A6, per-tensor grids, whose rows need not
+    reach both ends, symmetric grids, ratios above 1) XNNPACK rounds vitqc's values again to its own 8-bit
+    grid: "re-quantized"."""
+    if act is None:
+        return "fp32"
+    steps = act.qmax - act.qmin
+    if act.granularity == "token" and not act.symmetric and float(act.clip_ratio) <= 1 and 255 % steps == 0:
+        return "exact"
+    return "re-quantized"
 
 
 @dataclass
@@ -87,6 +123,10 @@ def float_program(source: Any, example: Tensor | None = None) -> tuple[fx.GraphM
         weight = (codes.float() - zp) * scale
         bias = state.get(f"{path}.bias")
         act = _describe_act(region)
+        try:
+            act_q = act_quant(state, f"{path}.input_quantizer", region)
+        except Unsupported as why:
+            raise VitqcError(f"{path}: cannot lower its activation quantizer ({why})") from None
         if codes.dim() == 2:
             layer: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
             plans.append(_plan(path, codes, scale.reshape(-1), zp, bits_hint.get(path), act))
@@ -104,25 +144,9 @@ def float_program(source: Any, example: Tensor | None = None) -> tuple[fx.GraphM
             layer.weight.copy_(weight)
             if bias is not None:
                 layer.bias.copy_(bias)
-        _swap(gm, region, inputs[0], outputs[0], path, layer)
-    matmul_paths = [p for p, _ in modules_by_type(gm, ("IntMatmul",))]
-    for path in matmul_paths:  # integer attention matmuls: a float matmul of their inputs on device
-        region = Region(path, [n for n in gm.graph.nodes if path in stack_paths(n)])
-        ins, outs = region.tensor_inputs(), region.tensor_outputs()
-        if len(ins) != 2 or len(outs) != 1:
-            raise VitqcError(f"{path}: expected two tensors in and one out ({len(ins)} in / {len(outs)} out)")
-        with gm.graph.inserting_before(outs[0]):
-            plain = gm.graph.call_function(torch.ops.aten.matmul.default, (ins[0], ins[1]))
-        plain.meta["val"] = outs[0].meta.get("val")
-        outs[0].replace_all_uses_with(plain)
-    inside = tuple(p + "." for p in weight_paths + matmul_paths)
-    for qp in quant_paths:  # activation quantizers outside weight layers: bypassed (fp32 on device)
-        region = regions.get(qp)
-        if region is None or qp.startswith(inside):
-            continue
-        ins, outs = region.tensor_inputs(), region.tensor_outputs()
-        if len(ins) == 1 and len(outs) == 1:
-            outs[0].replace_all_uses_with(ins[0])
+        # the patch conv runs in fp32 on vitqc's dequantized codes: nothing is re-quantized there
+        plans[-1].device_act = _device_act(act_q) if codes.dim() == 2 or act_q is None else "exact"
+        _swap(gm, region, inputs[0], outputs[0], path, layer if act_q is None else QuantizedInput(act_q, layer))
     finish(gm)
     return gm, plans, example, manifest
 
@@ -172,8 +196,14 @@ def describe_substitution(plans: list[_LayerPlan], manifest: dict[str, Any] | No
         notes.append("asymmetric weights re-quantized symmetric 8-bit")
     if any(p.source_bits is not None and float(p.source_bits) in (1.58, 2, 3) for p in linear):
         notes.append("ternary/2/3-bit codes stored exactly as int4")
-    notes.append("activations dynamic int8 per run (vitqc's static ranges unused)")
-    notes.append("attention matmuls, softmax and the patch conv in fp32")
+    quantized = [p for p in plans if p.device_act != "fp32"]
+    inexact = [p for p in quantized if p.device_act != "exact"]
+    if quantized and not inexact:
+        notes.append("vitqc's activation codes computed in fp32 and taken exactly by XNNPACK's dynamic int8")
+    elif quantized:
+        notes.append(f"vitqc's activation codes computed in fp32, re-quantized by XNNPACK's dynamic int8 per row "
+                     f"({len(inexact)} of {len(quantized)} layers not exactly: static or non-255-dividing grids)")
+    notes.append("attention matmuls on vitqc's codes, softmax and the patch conv in fp32")
     return f"vitqc {src}{f' ({name})' if name else ''} -> XNNPACK {dev}: " + "; ".join(notes)
 
 
@@ -270,7 +300,8 @@ def lower_executorch(source: Any, example: Tensor | None = None, *, fp32: bool =
         portable = _portable_ops(edge.exported_program().graph_module)
         et = edge.to_executorch()
     layers = [{"path": p.path, "vitqc_weight_bits": p.source_bits, "vitqc_act": p.act,
-               "device": "fp32" if fp32 else p.device_weight + ("" if p.device_weight == "fp32" else "+dynA8")}
+               "device": "fp32" if fp32 else p.device_weight + ("" if p.device_weight == "fp32" else "+dynA8"),
+               "activation": "fp32" if fp32 else p.device_act}
               for p in plans]
     return PteResult(bytes(et.buffer), delegates, layers, substitution, fp32, portable)
 

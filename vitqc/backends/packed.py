@@ -51,10 +51,10 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from vitqc.backends import packing
-from vitqc.backends.program import ASSERTS, Region, finish, integer_layers, is_tensor_node, modules_by_type, \
-    quantized_program, stack_paths
+from vitqc.backends.program import ASSERTS, ActBuffers, ActQuant, Region, Unsupported, act_quant, finish, \
+    integer_layers, is_tensor_node, modules_by_type, quantized_program, stack_paths
 from vitqc.errors import VitqcError
-from vitqc.quant.intops import EPS as _EPS, act_codes, integer_linear, patches, shift_for
+from vitqc.quant.intops import integer_linear, patches
 
 __all__ = ["ActQuant", "PackedLinear", "PackedPatchConv", "PackedProgram", "lower_packed",
            "save_packed", "load_packed", "fold_unpack", "quantized_program", "PACKED_FORMAT"]
@@ -62,60 +62,6 @@ __all__ = ["ActQuant", "PackedLinear", "PackedPatchConv", "PackedProgram", "lowe
 PACKED_FORMAT = "vitqc-packed/1"
 MANIFEST_NAME = "vitqc-packed.json"
 TERNARY_BITS = 1.58
-
-
-# ----------------------------------------------------------------------------------------------- quantizers
-
-@dataclass
-class ActQuant:
-    """An activation quantizer as the program computes it: static per-tensor (``scale``/``zero_point``,
-    0-d) or dynamic per-token (``clip_ratio``), on the integer grid ``[qmin, qmax]``."""
-
-    granularity: str
-    qmin: int
-    qmax: int
-    scale: Tensor | None = None
-    zero_point: Tensor | None = None
-    clip_ratio: Tensor | None = None
-
-    @property
-    def symmetric(self) -> bool:
-        return self.qmin < 0  # UniformQuantizer: asymmetric grids start at 0, symmetric ones below 0
-
-    def describe(self) -> dict[str, Any]:
-        bits = 1.58 if (self.qmin, self.qmax) == (-1, 1) else (self.qmax - self.qmin + 1).bit_length() - 1
-        return {"granularity": self.granularity, "qmin": self.qmin, "qmax": self.qmax, "bits": bits,
-                "symmetric": self.symmetric}
-
-
-class _ActBuffers(nn.Module):
-    """Holds one activation quantizer's constants as buffers (exported with the program)."""
-
-    def __init__(self, q: ActQuant) -> None:
-        super().__init__()
-        self.granularity, self.qmin, self.qmax, self.symmetric = q.granularity, q.qmin, q.qmax, q.symmetric
-        if q.granularity == "tensor":
-            assert q.scale is not None and q.zero_point is not None
-            self.register_buffer("scale", q.scale.detach().float().reshape(()).clamp_min(_EPS).clone())
-            z = q.zero_point.detach().float().reshape(())
-            z = torch.zeros(()) if q.symmetric else torch.clamp(z.round(), q.qmin, q.qmax)
-            self.register_buffer("zero_point", z.clone())
-        else:
-            assert q.clip_ratio is not None
-            self.register_buffer("clip_ratio", q.clip_ratio.detach().float().reshape(()).clamp_min(_EPS).clone())
-
-    def codes(self, x: Tensor, shift: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-        """The shared integer kernels' codes (:func:`vitqc.quant.intops.act_codes`), from these constants."""
-        if self.granularity == "tensor":
-            return act_codes(x, granularity="tensor", qmin=self.qmin, qmax=self.qmax, symmetric=self.symmetric,
-                             scale=self.scale, zero_point=self.zero_point, shift=shift)
-        return act_codes(x, granularity="token", qmin=self.qmin, qmax=self.qmax, symmetric=self.symmetric,
-                         clip_ratio=self.clip_ratio, shift=shift)
-
-    @property
-    def zero_free(self) -> bool:
-        """The centered codes need no zero-point correction (symmetric grid that fits int8 unshifted)."""
-        return self.symmetric and self.qmax <= 127
 
 
 # ----------------------------------------------------------------------------------------------- weights
@@ -205,7 +151,7 @@ class _PackedWeightMixin:
             w = w - self.weight_zero_point.unsqueeze(1)
         return w * self.weight_scale.unsqueeze(1)
 
-    def _int_gemm(self, x2: Tensor, act: _ActBuffers, bias: Tensor | None) -> Tensor:
+    def _int_gemm(self, x2: Tensor, act: ActBuffers, bias: Tensor | None) -> Tensor:
         """``x2`` [M, K] float -> [M, N] float: the integer layer's own kernel on the unpacked weight."""
         return integer_linear(x2, act, self.weight_int8(), self.weight_scale, self.weight_zero_point,
                               self.weight_sum, bias)
@@ -222,7 +168,7 @@ class PackedLinear(_PackedWeightMixin, nn.Module):
         super().__init__()
         self._init_weight(codes, scale, zero_point, layout)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.act = None if act is None else _ActBuffers(act)
+        self.act = None if act is None else ActBuffers(act)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.act is None:
@@ -241,7 +187,7 @@ class PackedPatchConv(_PackedWeightMixin, nn.Module):
         flat = codes.reshape(self.out_channels, -1)
         self._init_weight(flat, scale, zero_point, layout_for(flat))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.act = _ActBuffers(act)
+        self.act = ActBuffers(act)
 
     def forward(self, x: Tensor) -> Tensor:
         rows, ho, wo = patches(x, self.kh, self.kw)
@@ -271,32 +217,6 @@ class PackedProgram:
         gm = self.program.module()
         gm = fold_unpack(gm) if unpack == "load" else gm
         return torch.compile(gm, dynamic=False) if compile else gm
-
-
-def _act_quant(state: dict[str, Tensor], prefix: str, region: Region) -> ActQuant | None:
-    """The activation quantizer stored at ``prefix`` as the program computes it, or None if it does nothing."""
-    bounds = region.clamp_bounds()
-    if not bounds:
-        return None
-    if len(bounds) == 2:  # an integer layer clamps the zero point to the grid and the codes to it shifted into int8
-        (lo_a, hi_a), (lo_b, hi_b) = sorted(bounds)
-        if (lo_b - lo_a, hi_b - hi_a) == (shift_for(hi_b),) * 2:
-            bounds = {(lo_b, hi_b)}
-    if len(bounds) != 1:
-        raise _Unsupported(f"several integer grids {sorted(bounds)} in one quantizer region")
-    qmin, qmax = next(iter(bounds))
-    if f"{prefix}.clip_ratio" in state:
-        return ActQuant("token", qmin, qmax, clip_ratio=state[f"{prefix}.clip_ratio"])
-    scale = state.get(f"{prefix}.scale")
-    if scale is None:
-        raise _Unsupported(f"no scale or clip_ratio under {prefix}")
-    if scale.numel() != 1:
-        raise _Unsupported("per-channel activation quantizer (no integer kernel for it)")
-    return ActQuant("tensor", qmin, qmax, scale=scale, zero_point=state.get(f"{prefix}.zero_point", torch.zeros(())))
-
-
-class _Unsupported(Exception):
-    """This region stays as the source program runs it (recorded in the manifest)."""
 
 
 def _replace(gm: fx.GraphModule, region: Region, inputs: list[fx.Node], output: fx.Node, target: str,
@@ -331,9 +251,9 @@ def lower_packed(source: Any, example: Tensor | None = None, *, ternary: str = "
         region = regions.get(path)
         try:
             if region is None:
-                raise _Unsupported("no nodes carry this module path")
+                raise Unsupported("no nodes carry this module path")
             layers.append(_lower_weight_layer(gm, state, region, path, bits_hint.get(path), ternary))
-        except _Unsupported as why:
+        except Unsupported as why:
             skipped.append({"path": path, "reason": str(why)})
 
     # the attention matmuls already run on integer codes in the source program (IntMatmul): kept as they are
@@ -365,8 +285,8 @@ def _lower_weight_layer(gm: fx.GraphModule, state: dict[str, Tensor], region: Re
     bias = state.get(f"{path}.bias")
     inputs, outputs = region.tensor_inputs(), region.tensor_outputs()
     if len(inputs) != 1 or len(outputs) != 1:
-        raise _Unsupported(f"expected one tensor in and one out, found {len(inputs)} in / {len(outputs)} out")
-    act = _act_quant(state, f"{path}.input_quantizer", region)
+        raise Unsupported(f"expected one tensor in and one out, found {len(inputs)} in / {len(outputs)} out")
+    act = act_quant(state, f"{path}.input_quantizer", region)
     if codes.dim() == 2:
         layout = _weight_layout(codes, bits_hint, ternary, path)
         module: nn.Module = PackedLinear(codes, scale, zp, bias, act, layout)
@@ -374,13 +294,13 @@ def _lower_weight_layer(gm: fx.GraphModule, state: dict[str, Tensor], region: Re
     elif codes.dim() == 4:
         # the source's IntConv2d runs a patchify conv as patches x GEMM (no conv node); any other conv as a conv
         if region.find(torch.ops.aten.conv2d.default) or act is None or act.granularity != "tensor":
-            raise _Unsupported("only a patchify conv (stride == kernel, no padding/dilation/groups, per-tensor "
+            raise Unsupported("only a patchify conv (stride == kernel, no padding/dilation/groups, per-tensor "
                                "input quantizer) is lowered; this conv keeps int8 codes and a float conv")
         module = PackedPatchConv(codes, scale, zp, bias, act, lambda flat: _weight_layout(flat, bits_hint, ternary, path))
         layout = module.layout
         kind = "patch_conv"
     else:
-        raise _Unsupported(f"{codes.dim()}-d weight codes")
+        raise Unsupported(f"{codes.dim()}-d weight codes")
     _replace(gm, region, inputs, outputs[0], path, module)
     sizes = module.storage_bytes()
     return {"path": path, "kind": kind, "weight_format": layout.fmt, "weight_bits": layout.bits,

@@ -15,9 +15,10 @@ import torch
 from torch import Tensor, fx, nn
 
 from vitqc.errors import VitqcError
+from vitqc.quant.intops import EPS as _EPS, act_codes, shift_for
 
 __all__ = ["quantized_program", "integer_layers", "Region", "stack_paths", "is_tensor_node", "finish",
-           "modules_by_type", "CLAMP", "ASSERTS"]
+           "modules_by_type", "ActQuant", "ActBuffers", "act_quant", "Unsupported", "CLAMP", "ASSERTS"]
 
 CLAMP = (torch.ops.aten.clamp.default,)
 ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
@@ -176,3 +177,83 @@ def modules_by_type(gm: fx.GraphModule, type_names: tuple[str, ...]) -> list[tup
             if isinstance(v, tuple) and isinstance(v[1], str) and v[1].rsplit(".", 1)[-1] in type_names:
                 out.add((v[0], v[1]))
     return sorted(out)
+
+
+# ----------------------------------------------------------------------------------------------- activation quantizers
+
+@dataclass
+class ActQuant:
+    """An activation quantizer as the program computes it: static per-tensor (``scale``/``zero_point``,
+    0-d) or dynamic per-token (``clip_ratio``), on the integer grid ``[qmin, qmax]``."""
+
+    granularity: str
+    qmin: int
+    qmax: int
+    scale: Tensor | None = None
+    zero_point: Tensor | None = None
+    clip_ratio: Tensor | None = None
+
+    @property
+    def symmetric(self) -> bool:
+        return self.qmin < 0  # UniformQuantizer: asymmetric grids start at 0, symmetric ones below 0
+
+    def describe(self) -> dict[str, Any]:
+        bits = 1.58 if (self.qmin, self.qmax) == (-1, 1) else (self.qmax - self.qmin + 1).bit_length() - 1
+        return {"granularity": self.granularity, "qmin": self.qmin, "qmax": self.qmax, "bits": bits,
+                "symmetric": self.symmetric}
+
+
+class ActBuffers(nn.Module):
+    """Holds one activation quantizer's constants as buffers (exported with the program)."""
+
+    def __init__(self, q: ActQuant) -> None:
+        super().__init__()
+        self.granularity, self.qmin, self.qmax, self.symmetric = q.granularity, q.qmin, q.qmax, q.symmetric
+        if q.granularity == "tensor":
+            assert q.scale is not None and q.zero_point is not None
+            self.register_buffer("scale", q.scale.detach().float().reshape(()).clamp_min(_EPS).clone())
+            z = q.zero_point.detach().float().reshape(())
+            z = torch.zeros(()) if q.symmetric else torch.clamp(z.round(), q.qmin, q.qmax)
+            self.register_buffer("zero_point", z.clone())
+        else:
+            assert q.clip_ratio is not None
+            self.register_buffer("clip_ratio", q.clip_ratio.detach().float().reshape(()).clamp_min(_EPS).clone())
+
+    def codes(self, x: Tensor, shift: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """The shared integer kernels' codes (:func:`vitqc.quant.intops.act_codes`), from these constants."""
+        if self.granularity == "tensor":
+            return act_codes(x, granularity="tensor", qmin=self.qmin, qmax=self.qmax, symmetric=self.symmetric,
+                             scale=self.scale, zero_point=self.zero_point, shift=shift)
+        return act_codes(x, granularity="token", qmin=self.qmin, qmax=self.qmax, symmetric=self.symmetric,
+                         clip_ratio=self.clip_ratio, shift=shift)
+
+    @property
+    def zero_free(self) -> bool:
+        """The centered codes need no zero-point correction (symmetric grid that fits int8 unshifted)."""
+        return self.symmetric and self.qmax <= 127
+
+
+def act_quant(state: dict[str, Tensor], prefix: str, region: Region) -> ActQuant | None:
+    """The activation quantizer stored at ``prefix`` as the program computes it, or None if it does nothing."""
+    bounds = region.clamp_bounds()
+    if not bounds:
+        return None
+    if len(bounds) == 2:  # an integer layer clamps the zero point to the grid and the codes to it shifted into int8
+        (lo_a, hi_a), (lo_b, hi_b) = sorted(bounds)
+        if (lo_b - lo_a, hi_b - hi_a) == (shift_for(hi_b),) * 2:
+            bounds = {(lo_b, hi_b)}
+    if len(bounds) != 1:
+        raise Unsupported(f"several integer grids {sorted(bounds)} in one quantizer region")
+    qmin, qmax = next(iter(bounds))
+    if f"{prefix}.clip_ratio" in state:
+        return ActQuant("token", qmin, qmax, clip_ratio=state[f"{prefix}.clip_ratio"])
+    scale = state.get(f"{prefix}.scale")
+    if scale is None:
+        raise Unsupported(f"no scale or clip_ratio under {prefix}")
+    if scale.numel() != 1:
+        raise Unsupported("per-channel activation quantizer (no integer kernel for it)")
+    return ActQuant("tensor", qmin, qmax, scale=scale, zero_point=state.get(f"{prefix}.zero_point", torch.zeros(())))
+
+
+class Unsupported(Exception):
+    """A region a backend cannot take over (the packed backend leaves it as the source program runs it)."""
