@@ -5,6 +5,8 @@
                                                   [--limit N] [--result NAME]
     python benchmarks/accuracy_joint.py ablations [--model vit_tiny_cifar10] [--scheme w4a4]
                                                   [--iterations N] [--limit N] [--result NAME]
+    python benchmarks/accuracy_joint.py tune      [--model ...] [--scheme w4a4] --try "lr_refine=1e-2,lr_quant=3e-3"
+                                                  [--try ...] [--iterations N] [--limit N] [--result NAME]
 
 Full test sets by default; calibration images from ../shared (cifar10/calib, 1,000 images; MNIST: its own
 1,000-digit calib slice). `--iterations` overrides every joint pipeline's iteration count (default: the
@@ -14,6 +16,9 @@ same NAME skips the cells already there, so an interrupted run resumes where it 
 Ablations (one model, one scheme, same iterations): joint (the pipeline as shipped) vs the same optimizer
 run block by block, without channel_rescale, without weight_refine, and with 32 / 256 / 1000 calibration
 images for the optimization (initialisation always uses the first 32).
+
+Tune: the joint pipeline as shipped, then once per `--try` with those joint_optimize options changed; these
+are the runs that choose the pipelines' defaults.
 """
 from __future__ import annotations
 
@@ -120,6 +125,41 @@ def ablations(args) -> None:
         print(f"| {label} | {100 * c['top1']:.2f} | {100 * (c['top1'] - fp):+.2f} | {agree} | {c.get('compile_s', '')} |")
 
 
+def parse_try(text: str) -> dict:
+    """'lr_refine=1e-2,lr_quant=3e-3' -> {'joint_optimize__lr_refine': 0.01, ...}"""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if not value:
+            raise SystemExit(f"--try {text!r}: write joint_optimize options as name=value,name=value")
+        out[f"joint_optimize__{key.strip()}"] = float(value)
+    return out
+
+
+def tune(args) -> None:
+    from vitqc.data import load_calibration
+
+    cells = load_cells(args.result)
+    module, pre, eval_dir, calib_dir, _ = load_reference_model(args.model)
+    calib = load_calibration(calib_dir, pre, size=None, seed=0, batch_size=32)
+    test = decode_eval_set(eval_dir, pre, limit=args.limit)
+    fp_result = fp_cell(module, test)
+    prefix = f"{args.model}/{args.scheme}/{args.iterations}x{BATCH_SIZE}"
+    labels = ["fp32", "shipped"] + list(args.tries)
+    for label in labels:
+        fn = (lambda: fp_result) if label == "fp32" else (
+            lambda: compiled_cell(module, f"joint-{args.scheme}", calib, test, args.iterations,
+                                  **({} if label == "shipped" else parse_try(label))))
+        run_cell(cells, f"{prefix}/{label}", args.result, fn)
+    fp = cells[f"{prefix}/fp32"]["top1"]
+    print(f"\n{args.model} joint-{args.scheme}, {args.iterations} iterations at batch {BATCH_SIZE}\n")
+    print("| joint_optimize options | top-1 % | vs FP | agreement with FP % | compile s |\n|---|---|---|---|---|")
+    for label in labels[1:]:
+        c = cells[f"{prefix}/{label}"]
+        print(f"| {label} | {100 * c['top1']:.2f} | {100 * (c['top1'] - fp):+.2f} | "
+              f"{100 * c['agreement_with_fp']:.2f} | {c['compile_s']} |")
+
+
 def print_table(cells, models, schemes) -> None:
     print("\n| model | FP32 | " + " | ".join(f"minmax-{s} | joint-{s}" for s in schemes) + " |")
     print("|---|---|" + "---|---|" * len(schemes))
@@ -147,7 +187,12 @@ def main() -> None:
     a = sub.add_parser("ablations")
     a.add_argument("--model", default="vit_tiny_cifar10")
     a.add_argument("--scheme", default="w4a4")
-    for p in (t, a):
+    u = sub.add_parser("tune")
+    u.add_argument("--model", default="vits14_cifar10")
+    u.add_argument("--scheme", default="w4a4")
+    u.add_argument("--try", dest="tries", action="append", default=[],
+                   help="joint_optimize options to try, e.g. lr_refine=1e-2,lr_quant=3e-3 (repeatable)")
+    for p in (t, a, u):
         p.add_argument("--iterations", type=int, default=None, help="override every joint pipeline's iterations")
         p.add_argument("--batch-size", type=int, default=None, help="override every joint pipeline's batch size")
         p.add_argument("--limit", type=int, default=None, help="evaluate on N test images (default: all)")
@@ -157,7 +202,7 @@ def main() -> None:
     args.result = args.result or f"accuracy_joint_{args.what}"
     global BATCH_SIZE
     BATCH_SIZE = args.batch_size
-    (table if args.what == "table" else ablations)(args)
+    {"table": table, "ablations": ablations, "tune": tune}[args.what](args)
 
 
 if __name__ == "__main__":
