@@ -56,7 +56,10 @@ class JointOptimizeOptions:
     lr_quant: float = 1e-3  # relative to each step's initial magnitude
     lr_zero_point: float = 1e-2  # in integer levels
     lr_rescale: float = 1e-3  # on log factors
-    lr_refine: float = 1e-3  # refinement offsets, in steps
+    # refinement offsets, in steps. 1e-2, not 1e-3: at 1e-3 Adam moves an offset ~0.15 step in 300 cosine
+    # iterations, too little to re-round anything (vits14 W4A4, 300x8: 71.75 -> 75.75 % top-1;
+    # benchmarks/results/joint_tuning_vits14.json)
+    lr_refine: float = 1e-2
     kl_weight: float = 1.0
     feature_weight: float = 1.0
     temperature: float = 1.0
