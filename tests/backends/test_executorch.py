@@ -8,7 +8,7 @@ from tests.conftest import tiny_vit
 pytest.importorskip("executorch")
 
 from vitqc.backends.executorch import (describe_substitution, float_program, load_pte, lower_executorch,  # noqa: E402
-                                       run_pte, save_pte)
+                                       run_pte, save_pte, xnnpack_quantizer_ops)
 
 W4A8_HEAD8 = "canonicalize,insert_quantizers{weight_bits=4,act_bits=8,keep={head=8}},calibrate,materialize"
 
@@ -64,6 +64,8 @@ def test_per_token_a4_runs_exactly_as_vitqc(tmp_path):
     result = lower_executorch(q, batch=2, announce=None)
     assert {l["activation"] for l in result.layers} == {"exact"}
     assert "taken exactly" in result.substitution
+    # the quantizers run inside XNNPACK's delegates, not on portable kernels between them
+    assert not {"aten.round.default", "aten.amax.default", "aten.amin.default"} & set(result.portable_ops)
     method = load_pte(save_pte(result, tmp_path / "m.pte"))
     x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     got = run_pte(method, x, batch=2)
@@ -71,6 +73,40 @@ def test_per_token_a4_runs_exactly_as_vitqc(tmp_path):
         ref = q(x)
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
     assert torch.equal(got.argmax(1), ref.argmax(1))
+
+
+def test_quantizer_ops_rewritten_for_xnnpack_give_the_same_codes():
+    """amax/amin as max pooling, round as floor(x + 0.5): the same program output (no exact ties in random data)."""
+    q = vitqc.compile(tiny_vit(), W4A4_TOKEN, _calib(), quiet=True)
+    gm, _, example, _ = float_program(q)
+    x = torch.randn(2, *example.shape[1:], generator=torch.Generator().manual_seed(5))
+    exported = torch.export.export(gm, (x,), strict=False).module()
+    with torch.no_grad():
+        before = exported(x)
+        rewritten = xnnpack_quantizer_ops(exported)
+        after = rewritten(x)
+    targets = {n.target for n in rewritten.graph.nodes}
+    aten = torch.ops.aten
+    assert not {aten.round.default, aten.amax.default, aten.amin.default, aten.clamp_min.default} & targets
+    assert aten.max.dim in targets and aten.floor.default in targets
+    assert torch.equal(before, after)
+
+
+def test_fp32_baseline_drops_every_activation_quantizer(tmp_path):
+    """The baseline a quantized .pte is timed against: vitqc's dequantized weights, no quantizer, no rounding."""
+    q = vitqc.compile(tiny_vit(), W4A4_TOKEN, _calib(), quiet=True)
+    gm, _, _, _ = float_program(q, activations=False)
+    targets = {n.target for n in gm.graph.nodes}
+    assert torch.ops.aten.round.default not in targets and torch.ops.aten.matmul.default in targets
+    assert not any(type(m).__name__ in ("QuantizedInput", "ActBuffers", "IntMatmul") for m in gm.modules())
+    result = lower_executorch(q, fp32=True, batch=2, announce=None)
+    assert {l["activation"] for l in result.layers} == {"fp32"}
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    got = run_pte(load_pte(save_pte(result, tmp_path / "fp32.pte")), x, batch=2)
+    with torch.no_grad():
+        ref, quantized = gm(x), q(x)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-4
+    assert float((quantized - ref).abs().max() / ref.abs().max()) > 1e-3  # the A4 rounding is really gone
 
 
 @pytest.mark.parametrize("bits,granularity,symmetric,ratio,expected", [
