@@ -30,6 +30,7 @@ dequantized weight and bypasses activation quantizers, then annotates those laye
 """
 from __future__ import annotations
 
+import math
 import operator
 import os
 import tempfile
@@ -40,8 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from vitqc.backends.program import (ActBuffers, ActQuant, Region, Unsupported, act_quant, finish, integer_layers,
-                                   modules_by_type, stack_paths)
+from vitqc.backends.program import (ActBuffers, ActQuant, Unsupported, act_quant, finish, integer_layers,
+                                   modules_by_type, regions_of)
 from vitqc.errors import VitqcError
 
 __all__ = ["PteResult", "lower_executorch", "describe_substitution", "float_program", "xnnpack_quantizer_ops",
@@ -163,8 +164,7 @@ def _drop_activation_quantizers(gm: fx.GraphModule, weight_paths: list[str], qua
                                 regions: dict) -> None:
     """Integer attention matmuls become float matmuls of their inputs; other activation quantizers are bypassed."""
     matmul_paths = [p for p, _ in modules_by_type(gm, ("IntMatmul",))]
-    for path in matmul_paths:
-        region = Region(path, [n for n in gm.graph.nodes if path in stack_paths(n)])
+    for path, region in regions_of(gm, matmul_paths).items():
         ins, outs = region.tensor_inputs(), region.tensor_outputs()
         if len(ins) != 2 or len(outs) != 1:
             raise VitqcError(f"{path}: expected two tensors in and one out ({len(ins)} in / {len(outs)} out)")
@@ -303,8 +303,8 @@ def _export(module: nn.Module, example: Tensor, dynamic: bool) -> torch.export.E
 def lower_executorch(source: Any, example: Tensor | None = None, *, fp32: bool = False, batch: int = 1,
                      announce: Any = print) -> PteResult:
     """Lower to an XNNPACK ``.pte`` (bytes in the result). ``fp32=True`` lowers the float model with vitqc's
-    dequantized weights and no quantization at all (the baseline). ``batch``: the static batch size of the program. ``announce`` receives the
-    one-line scheme substitution before lowering (``None``: silent)."""
+    dequantized weights and no quantization at all (the baseline). ``batch``: the static batch size of the
+    program. ``announce`` receives the one-line scheme substitution before lowering (``None``: silent)."""
     try:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
@@ -352,10 +352,7 @@ def xnnpack_quantizer_ops(gm: fx.GraphModule) -> fx.GraphModule:
     g = gm.graph
 
     def row_max(x: fx.Node, shape: list[int]) -> fx.Node:
-        rows = 1
-        for d in shape[:-1]:
-            rows *= d
-        x4 = g.call_function(aten.reshape.default, (x, [1, 1, rows, shape[-1]]))
+        x4 = g.call_function(aten.reshape.default, (x, [1, 1, math.prod(shape[:-1]), shape[-1]]))
         m = g.call_function(operator.getitem, (g.call_function(aten.max.dim, (x4, 3, True)), 0))
         return g.call_function(aten.reshape.default, (m, list(shape[:-1]) + [1]))
 
