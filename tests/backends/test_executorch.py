@@ -62,13 +62,42 @@ def test_per_token_a4_runs_exactly_as_vitqc(tmp_path):
     vitqc's integer program up to float rounding; the static A8 model above only comes close."""
     q = vitqc.compile(tiny_vit(), W4A4_TOKEN, _calib(), quiet=True)
     result = lower_executorch(q, batch=2, announce=None)
-    assert {l["activation"] for l in result.layers} == {"exact"}
+    by_path = {l["path"]: l["activation"] for l in result.layers}
+    assert by_path.pop("head") == "xnnpack-grid"  # kept at A8: XNNPACK's own rounding is vitqc's
+    assert set(by_path.values()) == {"exact"}
     assert "taken exactly" in result.substitution
     # the quantizers run inside XNNPACK's delegates, not on portable kernels between them
     assert not {"aten.round.default", "aten.amax.default", "aten.amin.default"} & set(result.portable_ops)
     method = load_pte(save_pte(result, tmp_path / "m.pte"))
     x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     got = run_pte(method, x, batch=2)
+    with torch.no_grad():
+        ref = q(x)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+    assert torch.equal(got.argmax(1), ref.argmax(1))
+
+
+W8A8_TOKEN = W4A4_TOKEN.replace("weight_bits=4,act_bits=4", "weight_bits=8,act_bits=8")
+
+
+@pytest.mark.parametrize("ratio", [None, 0.8])
+def test_per_token_a8_is_left_to_xnnpack_and_still_follows_vitqc(ratio, tmp_path):
+    """Per-token A8: vitqc's rounding is not computed, XNNPACK's dynamic int8 of the (clipped) row is the same
+    grid; the .pte still computes vitqc's program up to float rounding, with a learned clip ratio too."""
+    q = vitqc.compile(tiny_vit(), W8A8_TOKEN, _calib(), quiet=True)
+    if ratio is not None:
+        with torch.no_grad():
+            for name, t in [*q.named_parameters(), *q.named_buffers()]:
+                if name.endswith("input_quantizer.clip_ratio"):
+                    t.fill_(ratio)
+    gm, plans, _, _ = float_program(q)
+    fc1 = gm.get_submodule("blocks.0.mlp.fc1")
+    assert type(fc1).__name__ == "ClippedInput" and fc1.ratio == pytest.approx(ratio or 1.0)
+    assert {p.device_act for p in plans} == {"xnnpack-grid", "exact"}  # the patch conv keeps vitqc's codes
+    result = lower_executorch(q, batch=2, announce=None)
+    assert "rounded by XNNPACK's dynamic int8 itself" in result.substitution
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    got = run_pte(load_pte(save_pte(result, tmp_path / "m.pte")), x, batch=2)
     with torch.no_grad():
         ref = q(x)
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
@@ -110,7 +139,8 @@ def test_fp32_baseline_drops_every_activation_quantizer(tmp_path):
 
 
 @pytest.mark.parametrize("bits,granularity,symmetric,ratio,expected", [
-    (8, "token", False, 1.0, "exact"), (4, "token", False, 0.9, "exact"), (2, "token", False, 1.0, "exact"),
+    (8, "token", False, 1.0, "xnnpack-grid"), (8, "token", False, 0.7, "xnnpack-grid"),
+    (4, "token", False, 0.9, "exact"), (2, "token", False, 1.0, "exact"),
     (3, "token", False, 1.0, "re-quantized"),  # 7 steps do not divide 255
     (4, "token", True, 1.0, "re-quantized"),  # a symmetric row need not reach both ends of the grid
     (4, "token", False, 1.2, "re-quantized"),  # a ratio above 1 leaves the ends of the grid unused

@@ -13,10 +13,11 @@ int8 output), which vitqc's graphs do not have. So the program keeps vitqc's own
 * activations: each linear's input goes through vitqc's quantizer, computed in fp32 with the same float ops
   (:class:`QuantizedInput`), and XNNPACK's dynamic int8 then quantizes those values again. For per-token
   asymmetric grids of 255 / k steps (A8, A4, A2) that second quantization is exact, so the linear computes
-  vitqc's integer GEMM (see :func:`_device_act`); other grids (A3, A6, static per-tensor) are re-rounded to
-  XNNPACK's per-row 8-bit grid. Attention matmuls run as vitqc's program computes them (codes and GEMM in
-  fp32, exact below 2^24), as do softmax, LayerNorm and GELU (XNNPACK fp32 kernels where it has them,
-  portable kernels otherwise). The patch-embedding conv runs in fp32 on vitqc's dequantized codes and weights.
+  vitqc's integer GEMM (see :func:`_device_act`); per-token A8 is XNNPACK's own grid, so there vitqc's
+  rounding is skipped and only its clip is kept (:class:`ClippedInput`); other grids (A3, A6, static
+  per-tensor) are re-rounded to XNNPACK's per-row 8-bit grid. Attention matmuls run as vitqc's program
+  computes them (codes and GEMM in fp32, exact below 2^24), as do softmax, LayerNorm and GELU (XNNPACK fp32
+  kernels where it has them, portable kernels otherwise). The patch-embedding conv runs in fp32 on vitqc's dequantized codes and weights.
   The quantizers' row min/max and rounding are rewritten into ops XNNPACK takes (:func:`xnnpack_quantizer_ops`),
   so they run inside the delegates rather than on portable kernels between them.
 
@@ -74,6 +75,25 @@ class QuantizedInput(nn.Module):
         return self.layer((q - z) * s)
 
 
+class ClippedInput(nn.Module):
+    """``layer(x clipped to vitqc's per-token range)``, for per-token asymmetric A8 with clip ratio <= 1 (see
+    :func:`_device_act`, "xnnpack-grid"): each clipped row reaches both ends of vitqc's range, so XNNPACK's
+    dynamic int8 of it has vitqc's step and zero point, and vitqc's own rounding (nine ops per element) need not
+    run first. With ratio 1 the clip changes nothing and is left out."""
+
+    def __init__(self, act: ActQuant, layer: nn.Module) -> None:
+        super().__init__()
+        assert act.clip_ratio is not None
+        self.layer, self.ratio = layer, float(act.clip_ratio)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.ratio == 1.0:
+            return self.layer(x)
+        lo = x.amin(-1, keepdim=True).clamp(max=0.0) * self.ratio
+        hi = x.amax(-1, keepdim=True).clamp(min=0.0) * self.ratio
+        return self.layer(torch.minimum(torch.maximum(x, lo), hi))
+
+
 def _device_act(act: ActQuant | None) -> str:
     """How XNNPACK's dynamic int8 (per row: asymmetric, range including 0) takes vitqc's dequantized codes.
 
@@ -82,14 +102,16 @@ def _device_act(act: ActQuant | None) -> str:
     too), so XNNPACK's row range is exactly the grid's
     and its step is vitqc's step * (qmax - qmin) / 255. When the number of steps divides 255 (A8, A4, A2),
     XNNPACK's codes are vitqc's codes times 255 / (qmax - qmin) plus a constant, and the integer GEMM gives
-    vitqc's result up to float rounding: "exact". Otherwise (A3, A6, per-tensor grids, whose rows need not
+    vitqc's result up to float rounding: "exact". For A8 (255 steps) XNNPACK's own rounding of the clipped
+    row already gives vitqc's codes, so vitqc's quantizer is not computed at all: "xnnpack-grid" (same range,
+    step and zero-point formula; only the float rounding of the step, and ties, may differ). Otherwise (A3, A6, per-tensor grids, whose rows need not
     reach both ends, symmetric grids, ratios above 1) XNNPACK rounds vitqc's values again to its own 8-bit
     grid: "re-quantized"."""
     if act is None:
         return "fp32"
     steps = act.qmax - act.qmin
     if act.granularity == "token" and not act.symmetric and float(act.clip_ratio) <= 1 and 255 % steps == 0:
-        return "exact"
+        return "xnnpack-grid" if steps == 255 else "exact"
     return "re-quantized"
 
 
@@ -153,7 +175,9 @@ def float_program(source: Any, example: Tensor | None = None, *,
                 layer.bias.copy_(bias)
         # the patch conv runs in fp32 on vitqc's dequantized codes: nothing is re-quantized there
         plans[-1].device_act = _device_act(act_q) if codes.dim() == 2 or act_q is None else "exact"
-        _swap(gm, region, inputs[0], outputs[0], path, layer if act_q is None else QuantizedInput(act_q, layer))
+        if act_q is not None:
+            layer = (ClippedInput if plans[-1].device_act == "xnnpack-grid" else QuantizedInput)(act_q, layer)
+        _swap(gm, region, inputs[0], outputs[0], path, layer)
     if not activations:
         _drop_activation_quantizers(gm, weight_paths, quant_paths, regions)
     finish(gm)
@@ -228,10 +252,14 @@ def describe_substitution(plans: list[_LayerPlan], manifest: dict[str, Any] | No
     if any(p.source_bits is not None and float(p.source_bits) in (1.58, 2, 3) for p in linear):
         notes.append("ternary/2/3-bit codes stored exactly as int4")
     quantized = [p for p in plans if p.device_act != "fp32"]
-    inexact = [p for p in quantized if p.device_act != "exact"]
-    if quantized and not inexact:
+    own_grid = [p for p in quantized if p.device_act == "xnnpack-grid"]
+    inexact = [p for p in quantized if p.device_act not in ("exact", "xnnpack-grid")]
+    if own_grid:
+        notes.append(f"{len(own_grid)} of {len(quantized)} layers' per-token A8 rounded by XNNPACK's dynamic int8 "
+                     "itself (the same grid)")
+    if len(own_grid) < len(quantized) and not inexact:
         notes.append("vitqc's activation codes computed in fp32 and taken exactly by XNNPACK's dynamic int8")
-    elif quantized:
+    elif inexact:
         notes.append(f"vitqc's activation codes computed in fp32, re-quantized by XNNPACK's dynamic int8 per row "
                      f"({len(inexact)} of {len(quantized)} layers not exactly: static or non-255-dividing grids)")
     notes.append("attention matmuls on vitqc's codes, softmax and the patch conv in fp32")
