@@ -2,13 +2,18 @@
 top-1 agreement with vitqc's quantized (integer) program on the CIFAR-10 test set.
 
     python benchmarks/executorch_pte.py [--model vits14_cifar10] [--schemes w8a8,w4a8,w8a8-token,...] [--limit N]
-        [--runs 20] [--threads 1] [--calib-size 256] [--tag TAG]
+        [--runs 20] [--threads 1] [--calib-size 256] [--tag TAG] [--latency-only]
+        [--attention vitqc|fp32]
 
 Both programs are lowered from the same float graph (vitqc's dequantized weights; the fp32 one without
 quantization), static batch 1, and run with ``executorch.runtime``. Latency: median of ``--runs`` calls after
 3 warm-up calls, fp32 and quantized calls interleaved. Agreement: argmax of the quantized .pte against
 vitqc's quantized program, image by image, on ``--limit`` test images spread over the classes (default all
-10,000). The line printed before lowering says what XNNPACK runs instead of vitqc's scheme.
+10,000). Next to it, the agreement of vitqc's own program computed with float GEMMs (``float_program`` run
+eagerly: the same quantizers, fp32 accumulation instead of exact integer sums): how far rounding noise alone
+moves the argmax of this model, the floor any float runtime can reach (with ``--attention fp32`` that program
+also drops the attention quantizers: what the substitution itself changes). The line printed before lowering
+says what XNNPACK runs instead of vitqc's scheme.
 """
 from __future__ import annotations
 
@@ -55,16 +60,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the vitqc reference model")
     ap.add_argument("--calib-size", type=int, default=256)
     ap.add_argument("--tag", default="", help="results/executorch_pte[-TAG].json")
+    ap.add_argument("--latency-only", action="store_true", help="latency and size only, no agreement pass")
+    ap.add_argument("--attention", default="vitqc", choices=["vitqc", "fp32"],
+                    help="attention matmuls on vitqc's codes, or in fp32 (lower_executorch's attention option)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     require_shared()
     import vitqc
-    from vitqc.backends.executorch import load_pte, lower_executorch, run_pte, save_pte
+    from vitqc.backends.executorch import float_program, load_pte, lower_executorch, run_pte, save_pte
     from vitqc.data import load_calibration
 
     module, pre, eval_dir, calib_dir, card = load_reference_model(args.model)
     calib = load_calibration(calib_dir, pre, size=args.calib_size, seed=0, batch_size=50)
-    test = decode_eval_set(eval_dir, pre, limit=args.limit, batch_size=100)
+    test = decode_eval_set(eval_dir, pre, limit=1 if args.latency_only else args.limit, batch_size=100)
     n_test = sum(len(y) for _, y in test)
     tmp = Path(tempfile.mkdtemp(prefix="vitqc-pte-"))
     rows = []
@@ -75,7 +83,8 @@ def main() -> None:
         print(f"{args.model} {scheme}: compiled in {tc.seconds:.0f}s", flush=True)
         with Timer() as tl:
             fp32 = lower_executorch(gm, fp32=True, batch=1, announce=None)
-            quant = lower_executorch(gm, batch=1, announce=lambda line: print(f"  {line}", flush=True))
+            quant = lower_executorch(gm, batch=1, attention=args.attention,
+                                     announce=lambda line: print(f"  {line}", flush=True))
         fp32_path, q_path = save_pte(fp32, tmp / f"{scheme}-fp32.pte"), save_pte(quant, tmp / f"{scheme}.pte")
         print(f"  lowered both in {tl.seconds:.0f}s: fp32 {fp32.delegates} delegate segments, "
               f"quantized {quant.delegates}", flush=True)
@@ -83,10 +92,12 @@ def main() -> None:
         x = test[0][0][:1].contiguous()
         fp_ms, q_ms = latency(fp32_m, q_m, x, args.runs)
         print(f"  latency batch 1: fp32 .pte {fp_ms:.1f} ms, quantized .pte {q_ms:.1f} ms (x{fp_ms / q_ms:.2f})", flush=True)
-        agree = right_q = right_pte = right_fp = right_fp32pte = 0
+        agree = agree_float = right_q = right_pte = right_fp = right_fp32pte = 0
+        float_gemm = float_program(gm, attention=args.attention)[0]
         with Timer() as te, torch.no_grad():
-            for xb, yb in test:
+            for xb, yb in ([] if args.latency_only else test):
                 ref = gm(xb).argmax(1)
+                agree_float += int((float_gemm(xb).argmax(1) == ref).sum())
                 got = run_pte(q_m, xb, batch=1).argmax(1)
                 got_fp = run_pte(fp32_m, xb, batch=1).argmax(1)
                 agree += int((got == ref).sum())
@@ -94,27 +105,31 @@ def main() -> None:
                 right_pte += int((got == yb).sum())
                 right_fp32pte += int((got_fp == yb).sum())
                 right_fp += int((module(xb).argmax(1) == yb).sum())
-        row = {"model": args.model, "scheme": scheme, "pipeline": SCHEMES[scheme][0], "options": SCHEMES[scheme][1], "substitution": quant.substitution,
+        row = {"model": args.model, "scheme": scheme, "attention": args.attention, "pipeline": SCHEMES[scheme][0], "options": SCHEMES[scheme][1], "substitution": quant.substitution,
                "fp32_pte_bytes": fp32_path.stat().st_size, "pte_bytes": q_path.stat().st_size,
                "size_ratio": q_path.stat().st_size / fp32_path.stat().st_size,
                "fp32_pte_ms": round(fp_ms, 2), "pte_ms": round(q_ms, 2), "speedup": round(fp_ms / q_ms, 2),
                "delegates_fp32": fp32.delegates, "delegates": quant.delegates, "portable_ops": quant.portable_ops,
-               "images": n_test,
-               "agreement_with_vitqc": agree / n_test, "top1_vitqc": right_q / n_test, "top1_pte": right_pte / n_test,
-               "top1_fp32_pte": right_fp32pte / n_test, "top1_fp32_eager": right_fp / n_test,
-               "eval_seconds": round(te.seconds)}
+               "images": 0 if args.latency_only else n_test}
+        if not args.latency_only:
+            row.update({"agreement_with_vitqc": agree / n_test, "agreement_float_gemm_with_vitqc": agree_float / n_test,
+                        "top1_vitqc": right_q / n_test, "top1_pte": right_pte / n_test,
+                        "top1_fp32_pte": right_fp32pte / n_test, "top1_fp32_eager": right_fp / n_test,
+                        "eval_seconds": round(te.seconds)})
         rows.append(row)
         print(f"  {row}", flush=True)
         write_result("executorch_pte", {"rows": rows, "args": vars(args), "cores": os.cpu_count(),
                                         "load_avg": os.getloadavg()}, args.tag)
     print("\n| model | scheme | .pte ms (fp32 .pte ms) | speedup | size MB (fp32 MB) | size ratio | delegates | "
-          "agreement with vitqc | top-1 .pte / vitqc / fp32 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "agreement with vitqc | vitqc with float GEMMs vs vitqc | top-1 .pte / vitqc / fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        quality = "– | – | –" if args.latency_only else (
+            f"{r['agreement_with_vitqc']:.2%} ({r['images']} images) | {r['agreement_float_gemm_with_vitqc']:.2%} | "
+            f"{r['top1_pte']:.2%} / {r['top1_vitqc']:.2%} / {r['top1_fp32_eager']:.2%}")
         print(f"| {r['model']} | {r['scheme']} | {r['pte_ms']} ({r['fp32_pte_ms']}) | {r['speedup']} | "
               f"{r['pte_bytes'] / 1e6:.2f} ({r['fp32_pte_bytes'] / 1e6:.2f}) | {r['size_ratio']:.2f} | {r['delegates']} | "
-              f"{r['agreement_with_vitqc']:.2%} ({r['images']} images) | {r['top1_pte']:.2%} / {r['top1_vitqc']:.2%} / "
-              f"{r['top1_fp32_eager']:.2%} |")
+              f"{quality} |")
 
 
 if __name__ == "__main__":

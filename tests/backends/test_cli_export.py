@@ -23,7 +23,9 @@ def artifact(tmp_path_factory):
 @pytest.mark.parametrize("args, message", [
     (["--backend", "tflite"], "unknown backend 'tflite'"),
     (["--backend", "packed", "--ternary", "base4"], "--ternary must be 2bit or base3"),
-    (["--backend", "packed", "--fp32"], "--fp32 and --batch apply to --backend executorch only"),
+    (["--backend", "packed", "--fp32"], "--fp32, --batch and --attention apply to --backend executorch only"),
+    (["--backend", "packed", "--attention", "fp32"], "--fp32, --batch and --attention apply to --backend executorch only"),
+    (["--backend", "executorch", "--attention", "int8"], "--attention must be vitqc or fp32"),
     (["--backend", "executorch", "--batch", "0"], "--batch must be at least 1"),
     (["--backend", "packed", "--out", "/nonexistent-dir/m.pt2"], "output directory '/nonexistent-dir' does not exist"),
 ])

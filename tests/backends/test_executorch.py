@@ -158,6 +158,28 @@ def test_fp32_baseline_drops_every_activation_quantizer(tmp_path):
     assert float((quantized - ref).abs().max() / ref.abs().max()) > 1e-3  # the A4 rounding is really gone
 
 
+def test_float_attention_keeps_the_linears_quantized(tmp_path):
+    """attention="fp32": the attention matmuls lose vitqc's quantizers (said in the substitution line), the
+    linears keep theirs, and the .pte follows that float-attention program. Not to 1e-5 as with vitqc's
+    attention: XNNPACK's float softmax/bmm differ from torch's in the last bits, and the next A4 quantizer turns
+    some of those into whole steps (1 % here), an order of magnitude below what dropping A4 attention changes."""
+    q = vitqc.compile(tiny_vit(), W4A4_TOKEN, _calib(), quiet=True)
+    gm, plans, _, _ = float_program(q, attention="fp32")
+    assert not any(type(m).__name__ == "IntMatmul" for m in gm.modules())
+    assert type(gm.get_submodule("blocks.0.mlp.fc1")).__name__ == "QuantizedInput"
+    assert {p.device_act for p in plans if p.path != "head"} == {"exact"}
+    result = lower_executorch(q, batch=2, attention="fp32", announce=None)
+    assert "attention matmuls in fp32 instead of vitqc's" in result.substitution
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    got = run_pte(load_pte(save_pte(result, tmp_path / "m.pte")), x, batch=2)
+    with torch.no_grad():
+        ref, vitqc_out = gm(x), q(x)
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
+    assert rel(got, ref) < 0.3 * rel(vitqc_out, ref)
+    with pytest.raises(vitqc.VitqcError, match="attention='int8'"):
+        float_program(q, attention="int8")
+
+
 @pytest.mark.parametrize("bits,granularity,symmetric,ratio,expected", [
     (8, "token", False, 1.0, "xnnpack-grid"), (8, "token", False, 0.7, "xnnpack-grid"),
     (4, "token", False, 0.9, "exact"), (2, "token", False, 1.0, "exact"),

@@ -132,12 +132,20 @@ class PteResult:
 
 # ----------------------------------------------------------------------------------------------- the float graph
 
-def float_program(source: Any, example: Tensor | None = None, *,
-                  activations: bool = True) -> tuple[fx.GraphModule, list[_LayerPlan], Tensor, dict]:
+ATTENTION = ("vitqc", "fp32")
+
+
+def float_program(source: Any, example: Tensor | None = None, *, activations: bool = True,
+                  attention: str = "vitqc") -> tuple[fx.GraphModule, list[_LayerPlan], Tensor, dict]:
     """The quantized program with every integer layer replaced by a float layer holding the dequantized
     weight, behind vitqc's input quantizer (:class:`QuantizedInput`); plus the plan for each weight layer.
     ``activations=False`` drops every activation quantizer instead (attention matmuls become float matmuls of
-    their inputs): the float model with vitqc's weights, the baseline a quantized ``.pte`` is timed against."""
+    their inputs): the float model with vitqc's weights, the baseline a quantized ``.pte`` is timed against.
+    ``attention="fp32"`` drops only the attention matmuls' quantizers: XNNPACK has no integer batched matmul, so
+    vitqc's codes there are computed by ~30 float ops per operand, which cost as much as every int8 linear of
+    the model together (vits14 W8A8 per token: 31 vs 17 ms); the float matmul is the cheaper substitute."""
+    if attention not in ATTENTION:
+        raise VitqcError(f"attention={attention!r}: use one of {', '.join(ATTENTION)}")
     program, bits_hint, example, manifest, state, gm, weight_paths, quant_paths, regions = integer_layers(source, example)
     plans: list[_LayerPlan] = []
     for path in weight_paths:
@@ -181,13 +189,14 @@ def float_program(source: Any, example: Tensor | None = None, *,
         _swap(gm, region, inputs[0], outputs[0], path, layer)
     if not activations:
         _drop_activation_quantizers(gm, weight_paths, quant_paths, regions)
+    elif attention == "fp32":
+        _float_attention_matmuls(gm)
     finish(gm)
     return gm, plans, example, manifest
 
 
-def _drop_activation_quantizers(gm: fx.GraphModule, weight_paths: list[str], quant_paths: list[str],
-                                regions: dict) -> None:
-    """Integer attention matmuls become float matmuls of their inputs; other activation quantizers are bypassed."""
+def _float_attention_matmuls(gm: fx.GraphModule) -> list[str]:
+    """Integer attention matmuls become float matmuls of their inputs; returns their module paths."""
     matmul_paths = [p for p, _ in modules_by_type(gm, ("IntMatmul",))]
     for path, region in regions_of(gm, matmul_paths).items():
         ins, outs = region.tensor_inputs(), region.tensor_outputs()
@@ -197,6 +206,13 @@ def _drop_activation_quantizers(gm: fx.GraphModule, weight_paths: list[str], qua
             plain = gm.graph.call_function(torch.ops.aten.matmul.default, (ins[0], ins[1]))
         plain.meta["val"] = outs[0].meta.get("val")
         outs[0].replace_all_uses_with(plain)
+    return matmul_paths
+
+
+def _drop_activation_quantizers(gm: fx.GraphModule, weight_paths: list[str], quant_paths: list[str],
+                                regions: dict) -> None:
+    """Attention matmuls in float (:func:`_float_attention_matmuls`); other activation quantizers are bypassed."""
+    matmul_paths = _float_attention_matmuls(gm)
     inside = tuple(p + "." for p in weight_paths + matmul_paths)
     for qp in quant_paths:
         region = regions.get(qp)
@@ -235,7 +251,8 @@ def _swap(gm: fx.GraphModule, region, x: fx.Node, out: fx.Node, path: str, layer
     out.replace_all_uses_with(new)
 
 
-def describe_substitution(plans: list[_LayerPlan], manifest: dict[str, Any] | None = None) -> str:
+def describe_substitution(plans: list[_LayerPlan], manifest: dict[str, Any] | None = None,
+                          attention: str = "vitqc") -> str:
     """One line: vitqc's scheme -> what XNNPACK will run."""
     def fmt_bits(b: float | None) -> str:
         return "?" if b is None else ("1.58" if float(b) == 1.58 else f"{float(b):g}")
@@ -263,7 +280,8 @@ def describe_substitution(plans: list[_LayerPlan], manifest: dict[str, Any] | No
     elif inexact:
         notes.append(f"vitqc's activation codes computed in fp32, re-quantized by XNNPACK's dynamic int8 per row "
                      f"({len(inexact)} of {len(quantized)} layers not exactly: static or non-255-dividing grids)")
-    notes.append("attention matmuls on vitqc's codes, softmax and the patch conv in fp32")
+    notes.append("attention matmuls in fp32 instead of vitqc's quantized ones, softmax and the patch conv in fp32"
+                 if attention == "fp32" else "attention matmuls on vitqc's codes, softmax and the patch conv in fp32")
     return f"vitqc {src}{f' ({name})' if name else ''} -> XNNPACK {dev}: " + "; ".join(notes)
 
 
@@ -330,19 +348,21 @@ def _export(module: nn.Module, example: Tensor, dynamic: bool) -> torch.export.E
 
 
 def lower_executorch(source: Any, example: Tensor | None = None, *, fp32: bool = False, batch: int = 1,
-                     announce: Any = print) -> PteResult:
+                     attention: str = "vitqc", announce: Any = print) -> PteResult:
     """Lower to an XNNPACK ``.pte`` (bytes in the result). ``fp32=True`` lowers the float model with vitqc's
     dequantized weights and no quantization at all (the baseline). ``batch``: the static batch size of the
-    program. ``announce`` receives the one-line scheme substitution before lowering (``None``: silent)."""
+    program. ``attention``: "vitqc" computes the attention matmuls on vitqc's codes, "fp32" runs them in float
+    (faster; see :func:`float_program`). ``announce`` receives the one-line scheme substitution before lowering
+    (``None``: silent)."""
     try:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     except ImportError as exc:
         raise VitqcError(f"the executorch backend needs executorch and torchao ({exc.name} is missing)") from None
-    gm, plans, example, manifest = float_program(source, example, activations=not fp32)
+    gm, plans, example, manifest = float_program(source, example, activations=not fp32, attention=attention)
     example = example[:1].expand(batch, *example.shape[1:]).contiguous()
-    substitution = "fp32 baseline: no quantization" if fp32 else describe_substitution(plans, manifest)
+    substitution = "fp32 baseline: no quantization" if fp32 else describe_substitution(plans, manifest, attention)
     if announce is not None:
         announce(substitution)
     with torch.no_grad():

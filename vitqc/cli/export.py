@@ -29,6 +29,7 @@ def export(
     ternary: Annotated[str, typer.Option("--ternary", help="packed: ternary weights as 2bit (4 a byte) or base3 (5 a byte)")] = "2bit",
     batch: Annotated[int, typer.Option("--batch", help="executorch: static batch size of the program")] = 1,
     fp32: Annotated[bool, typer.Option("--fp32", help="executorch: lower the float model (dequantized weights, no quantization) as a baseline")] = False,
+    attention: Annotated[str, typer.Option("--attention", help="executorch: vitqc (attention matmuls on vitqc's codes) | fp32 (float attention matmuls: faster, not vitqc's scheme)")] = "vitqc",
 ) -> None:
     """Lower an artifact to packed integer kernels (.pt2) or an ExecuTorch XNNPACK program (.pte)."""
     from vitqc.artifact import check_writable, load_artifact
@@ -39,8 +40,10 @@ def export(
         raise VitqcError(f"--ternary must be 2bit or base3, got {ternary!r}")
     if batch < 1:
         raise VitqcError(f"--batch must be at least 1, got {batch}")
-    if (fp32 or batch != 1) and backend != "executorch":
-        raise VitqcError("--fp32 and --batch apply to --backend executorch only")
+    if attention not in ("vitqc", "fp32"):
+        raise VitqcError(f"--attention must be vitqc or fp32, got {attention!r}")
+    if (fp32 or batch != 1 or attention != "vitqc") and backend != "executorch":
+        raise VitqcError("--fp32, --batch and --attention apply to --backend executorch only")
     suffix = ".packed.pt2" if backend == "packed" else (".fp32.pte" if fp32 else ".pte")
     target = check_writable(out_path or Path(artifact.name.removesuffix(".vitqc") + suffix))
     art = load_artifact(artifact)
@@ -62,7 +65,8 @@ def export(
         from vitqc.backends.executorch import lower_executorch, save_pte
 
         err.print(f"[bold cyan]lower[/] {artifact} to ExecuTorch (XNNPACK){' fp32 baseline' if fp32 else ''}")
-        result = lower_executorch(art, fp32=fp32, batch=batch, announce=lambda line: out.print(line, highlight=False))
+        result = lower_executorch(art, fp32=fp32, batch=batch, attention=attention,
+                                  announce=lambda line: out.print(line, highlight=False))
         path = save_pte(result, target)
         portable = ", ".join(f"{name} x{n}" for name, n in result.portable_ops.items()) or "none"
         out.print(f"{result.delegates} XNNPACK delegate segments; on portable kernels between them: {portable}",
