@@ -70,7 +70,8 @@ def without(pipeline, *names):
 
 
 def write_result(name: str, payload: dict, tag: str = "") -> Path:
-    """results/NAME[-TAG].json, written atomically."""
+    """results/NAME[-TAG].json, written atomically (NAME may be given with its .json)."""
+    name = name.removesuffix(".json")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / (f"{name}-{tag}.json" if tag else f"{name}.json")
     tmp = path.with_suffix(".json.tmp")
@@ -89,7 +90,7 @@ class Timer:
 
 
 def load_cells(name: str) -> dict:
-    path = RESULTS / f"{name}.json"
+    path = RESULTS / f"{name.removesuffix('.json')}.json"
     return json.loads(path.read_text())["cells"] if path.exists() else {}
 
 

@@ -4,6 +4,10 @@ top-1 agreement with vitqc's quantized (integer) program on the CIFAR-10 test se
     python benchmarks/executorch_pte.py [--model vits14_cifar10] [--schemes w8a8,w4a8,w8a8-token,...] [--limit N]
         [--runs 20] [--threads 1] [--calib-size 256] [--tag TAG] [--latency-only]
         [--attention vitqc|fp32]
+    python benchmarks/executorch_pte.py --time BASELINE.pte OTHER.pte ... [--runs 30] [--tag TAG]
+
+``--time`` re-times .pte files already written (the runs above keep theirs in a printed temp folder), calls
+interleaved, each as a ratio to the first: for timing on a quiet machine apart from the long agreement pass.
 
 Both programs are lowered from the same float graph (vitqc's dequantized weights; the fp32 one without
 quantization), static batch 1, and run with ``executorch.runtime``. Latency: median of ``--runs`` calls after
@@ -51,6 +55,27 @@ def latency(fp32_method, q_method, x, runs: int) -> tuple[float, float]:
     return 1e3 * statistics.median(a), 1e3 * statistics.median(b)
 
 
+def time_files(paths: list[str], runs: int, tag: str) -> None:
+    from vitqc.backends.executorch import load_pte
+
+    methods = {p: load_pte(p) for p in paths}
+    x = torch.randn(*methods[paths[0]].metadata.input_tensor_meta(0).sizes())
+    times: dict[str, list[float]] = {p: [] for p in paths}
+    for i in range(runs + 3):
+        for p, m in methods.items():
+            t = time.perf_counter()
+            m.execute([x])
+            if i >= 3:
+                times[p].append(time.perf_counter() - t)
+    base = statistics.median(times[paths[0]])
+    rows = [{"pte": p, "bytes": Path(p).stat().st_size, "ms": round(1e3 * statistics.median(times[p]), 2),
+             "speedup_vs_first": round(base / statistics.median(times[p]), 2)} for p in paths]
+    for r in rows:
+        print(f"| {r['pte']} | {r['ms']} ms | x{r['speedup_vs_first']} | {r['bytes'] / 1e6:.2f} MB |")
+    write_result("executorch_pte", {"timed": rows, "runs": runs, "cores": os.cpu_count(),
+                                    "load_avg": os.getloadavg()}, tag)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="vits14_cifar10")
@@ -63,7 +88,10 @@ def main() -> None:
     ap.add_argument("--latency-only", action="store_true", help="latency and size only, no agreement pass")
     ap.add_argument("--attention", default="vitqc", choices=["vitqc", "fp32"],
                     help="attention matmuls on vitqc's codes, or in fp32 (lower_executorch's attention option)")
+    ap.add_argument("--time", nargs="+", metavar="PTE", help="only time these .pte files (ratios to the first)")
     args = ap.parse_args()
+    if args.time:
+        return time_files(args.time, max(args.runs, 20), args.tag)
     torch.set_num_threads(args.threads)
     require_shared()
     import vitqc
@@ -75,6 +103,7 @@ def main() -> None:
     test = decode_eval_set(eval_dir, pre, limit=1 if args.latency_only else args.limit, batch_size=100)
     n_test = sum(len(y) for _, y in test)
     tmp = Path(tempfile.mkdtemp(prefix="vitqc-pte-"))
+    print(f".pte files go to {tmp}", flush=True)
     rows = []
     for scheme in args.schemes.split(","):
         with Timer() as tc:
