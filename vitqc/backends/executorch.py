@@ -16,11 +16,11 @@ int8 output), which vitqc's graphs do not have. So the program keeps vitqc's own
   vitqc's integer GEMM (see :func:`_device_act`); per-token A8 is XNNPACK's own grid, so there vitqc's
   rounding is skipped and only its clip is kept (:class:`ClippedInput`); other grids (A3, A6, static
   per-tensor) are re-rounded to XNNPACK's per-row 8-bit grid. Attention matmuls run as vitqc's program
-  computes them (codes and GEMM in fp32, exact below 2^24), as do softmax, LayerNorm and GELU (XNNPACK fp32
-  kernels where it has them, portable kernels otherwise). The patch-embedding conv runs in fp32 on vitqc's dequantized codes and weights.
-  LayerNorm, attention's batched matmuls and the quantizers' row min/max and rounding are rewritten into ops
-  XNNPACK takes (:func:`xnnpack_supported_ops`), so they run inside the delegates rather than on portable
-  kernels between them.
+  computes them (codes and GEMM in fp32, exact below 2^24), or in plain fp32 with ``attention="fp32"``;
+  softmax, LayerNorm and GELU run in fp32. The patch-embedding conv runs in fp32 on vitqc's dequantized codes
+  and weights. LayerNorm, attention's batched matmuls and the quantizers' row min/max and rounding are
+  rewritten into ops XNNPACK takes (:func:`xnnpack_supported_ops`), so they run inside the delegates rather
+  than on portable kernels between them.
 
 :func:`describe_substitution` states this in one line before lowering; ``lower_executorch`` returns the
 delegate count and the per-layer mapping, and the caller re-measures accuracy of what was lowered
@@ -79,8 +79,8 @@ class QuantizedInput(nn.Module):
 class ClippedInput(nn.Module):
     """``layer(x clipped to vitqc's per-token range)``, for per-token asymmetric A8 with clip ratio <= 1 (see
     :func:`_device_act`, "xnnpack-grid"): each clipped row reaches both ends of vitqc's range, so XNNPACK's
-    dynamic int8 of it has vitqc's step and zero point, and vitqc's own rounding (nine ops per element) need not
-    run first. With ratio 1 the clip changes nothing and is left out."""
+    dynamic int8 of it has vitqc's step and zero point, and vitqc's own rounding (several float ops per element)
+    need not run first. With ratio 1 the clip changes nothing and is left out."""
 
     def __init__(self, act: ActQuant, layer: nn.Module) -> None:
         super().__init__()
@@ -105,9 +105,9 @@ def _device_act(act: ActQuant | None) -> str:
     XNNPACK's codes are vitqc's codes times 255 / (qmax - qmin) plus a constant, and the integer GEMM gives
     vitqc's result up to float rounding: "exact". For A8 (255 steps) XNNPACK's own rounding of the clipped
     row already gives vitqc's codes, so vitqc's quantizer is not computed at all: "xnnpack-grid" (same range,
-    step and zero-point formula; only the float rounding of the step, and ties, may differ). Otherwise (A3, A6, per-tensor grids, whose rows need not
-    reach both ends, symmetric grids, ratios above 1) XNNPACK rounds vitqc's values again to its own 8-bit
-    grid: "re-quantized"."""
+    step and zero-point formula; only the float rounding of the step, and ties, may differ). Otherwise (A3,
+    A6, per-tensor grids, whose rows need not reach both ends, symmetric grids, ratios above 1) XNNPACK rounds
+    vitqc's values again to its own 8-bit grid: "re-quantized"."""
     if act is None:
         return "fp32"
     steps = act.qmax - act.qmin
