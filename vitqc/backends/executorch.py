@@ -46,6 +46,7 @@ from torch import Tensor, fx, nn
 from vitqc.backends.program import (ActBuffers, ActQuant, Unsupported, act_quant, finish, integer_layers,
                                    modules_by_type, regions_of)
 from vitqc.errors import VitqcError
+from vitqc.quant.intops import token_range
 
 __all__ = ["PteResult", "lower_executorch", "describe_substitution", "float_program", "xnnpack_supported_ops",
            "save_pte", "load_pte", "run_pte", "count_delegates"]
@@ -90,9 +91,8 @@ class ClippedInput(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.ratio == 1.0:
             return self.layer(x)
-        lo = x.amin(-1, keepdim=True).clamp(max=0.0) * self.ratio
-        hi = x.amax(-1, keepdim=True).clamp(min=0.0) * self.ratio
-        return self.layer(torch.minimum(torch.maximum(x, lo), hi))
+        lo, hi = token_range(x)
+        return self.layer(torch.minimum(torch.maximum(x, lo * self.ratio), hi * self.ratio))
 
 
 def _device_act(act: ActQuant | None) -> str:

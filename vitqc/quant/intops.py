@@ -31,6 +31,12 @@ def shift_for(qmax: int) -> int:
     return 128 if qmax > 127 else 0
 
 
+def token_range(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(lo, hi)`` per row of the last dim for asymmetric per-token grids: the row's min and max, widened to
+    include 0 (so that 0 is exactly representable)."""
+    return x.amin(-1, keepdim=True).clamp(max=0.0), x.amax(-1, keepdim=True).clamp(min=0.0)
+
+
 def token_qparams(x: Tensor, ratio: Tensor | float, qmin: int, qmax: int,
                   symmetric: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(s_raw, s, z)`` per row of the last dim for dynamic per-token quantization with clip ratio ``ratio``:
@@ -40,8 +46,7 @@ def token_qparams(x: Tensor, ratio: Tensor | float, qmin: int, qmax: int,
     if symmetric:
         s_raw = ratio * x.abs().amax(-1, keepdim=True) / qmax
         return s_raw, s_raw.clamp_min(EPS), None
-    lo = x.amin(-1, keepdim=True).clamp(max=0.0)
-    hi = x.amax(-1, keepdim=True).clamp(min=0.0)
+    lo, hi = token_range(x)
     s_raw = ratio * (hi - lo) / (qmax - qmin)
     s = s_raw.clamp_min(EPS)
     return s_raw, s, (qmin - torch.round(ratio * lo / s)).clamp(qmin, qmax)
