@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from vitqc.backends.executorch import ATTENTION
+
 from common import Timer, decode_eval_set, load_reference_model, require_shared, write_result
 
 # scheme -> (pipeline, options changed). "-token": per-token activations, which XNNPACK's dynamic int8 takes exactly
@@ -86,7 +88,7 @@ def main() -> None:
     ap.add_argument("--calib-size", type=int, default=256)
     ap.add_argument("--tag", default="", help="results/executorch_pte[-TAG].json")
     ap.add_argument("--latency-only", action="store_true", help="latency and size only, no agreement pass")
-    ap.add_argument("--attention", default="vitqc", choices=["vitqc", "fp32"],
+    ap.add_argument("--attention", default="vitqc", choices=ATTENTION,
                     help="attention matmuls on vitqc's codes, or in fp32 (lower_executorch's attention option)")
     ap.add_argument("--time", nargs="+", metavar="PTE", help="only time these .pte files (ratios to the first)")
     args = ap.parse_args()
@@ -122,7 +124,7 @@ def main() -> None:
         fp_ms, q_ms = latency(fp32_m, q_m, x, args.runs)
         print(f"  latency batch 1: fp32 .pte {fp_ms:.1f} ms, quantized .pte {q_ms:.1f} ms (x{fp_ms / q_ms:.2f})", flush=True)
         agree = agree_float = right_q = right_pte = right_fp = right_fp32pte = 0
-        float_gemm = float_program(gm, attention=args.attention)[0]
+        float_gemm = None if args.latency_only else float_program(gm, attention=args.attention)[0]
         with Timer() as te, torch.no_grad():
             for xb, yb in ([] if args.latency_only else test):
                 ref = gm(xb).argmax(1)

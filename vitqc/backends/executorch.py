@@ -280,8 +280,9 @@ def describe_substitution(plans: list[_LayerPlan], manifest: dict[str, Any] | No
     elif inexact:
         notes.append(f"vitqc's activation codes computed in fp32, re-quantized by XNNPACK's dynamic int8 per row "
                      f"({len(inexact)} of {len(quantized)} layers not exactly: static or non-255-dividing grids)")
-    notes.append("attention matmuls in fp32 instead of vitqc's quantized ones, softmax and the patch conv in fp32"
-                 if attention == "fp32" else "attention matmuls on vitqc's codes, softmax and the patch conv in fp32")
+    attn = "attention matmuls in fp32 instead of vitqc's quantized ones" if attention == "fp32" \
+        else "attention matmuls on vitqc's codes"
+    notes.append(f"{attn}, softmax and the patch conv in fp32")
     return f"vitqc {src}{f' ({name})' if name else ''} -> XNNPACK {dev}: " + "; ".join(notes)
 
 

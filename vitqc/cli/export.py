@@ -40,8 +40,10 @@ def export(
         raise VitqcError(f"--ternary must be 2bit or base3, got {ternary!r}")
     if batch < 1:
         raise VitqcError(f"--batch must be at least 1, got {batch}")
-    if attention not in ("vitqc", "fp32"):
-        raise VitqcError(f"--attention must be vitqc or fp32, got {attention!r}")
+    from vitqc.backends.executorch import ATTENTION
+
+    if attention not in ATTENTION:
+        raise VitqcError(f"--attention must be {' or '.join(ATTENTION)}, got {attention!r}")
     if (fp32 or batch != 1 or attention != "vitqc") and backend != "executorch":
         raise VitqcError("--fp32, --batch and --attention apply to --backend executorch only")
     suffix = ".packed.pt2" if backend == "packed" else (".fp32.pte" if fp32 else ".pte")
