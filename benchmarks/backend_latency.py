@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from common import Timer, cpu_model, decode_eval_set, without, write_result
+from common import Timer, cpu_model, decode_eval_set, load_timing_model, without, write_result
 
 SCHEMES = {
     "w8a8": ("minmax-w8a8", 8, "2bit"),
@@ -41,23 +41,6 @@ SCHEMES = {
     "t158a8-base3": ("canonicalize,insert_quantizers{weight_bits=1.58,act_bits=8,keep={head=8,patch_embed=8}},"
                      "calibrate,materialize", 1.58, "base3"),
 }
-
-
-def load_model(name: str, calib_size: int):
-    if name == "vit_small_patch16_224":
-        import timm
-
-        torch.manual_seed(0)
-        model = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
-        calib = list(torch.randn(calib_size, 3, 224, 224, generator=torch.Generator().manual_seed(0)).split(16))
-        return model, calib, None
-    from common import load_reference_model, require_shared
-    from vitqc.data import load_calibration
-
-    require_shared()
-    model, pre, eval_dir, calib_dir, _ = load_reference_model(name)
-    calib = load_calibration(calib_dir, pre, size=calib_size, seed=0, batch_size=50)
-    return model, calib, (pre, eval_dir)
 
 
 def interleaved(fp32, candidate, x, runs: int) -> tuple[float, float]:
@@ -135,7 +118,7 @@ def main() -> None:
     rows, sizes_rows, agree_rows = [], [], []
     tmp = Path(tempfile.mkdtemp(prefix="vitqc-bench-"))
     for model_name in args.models.split(","):
-        model, calib, data = load_model(model_name, args.calib_size)
+        model, calib, data = load_timing_model(model_name, args.calib_size)
         n_params = sum(p.numel() for p in model.parameters())
         shape = calib[0].shape[1:]
         for scheme in args.schemes.split(","):

@@ -38,6 +38,24 @@ def load_reference_model(name: str):
     return module, Preprocess.from_timm(zoo.timm_data_config(card)), eval_dir, calib_dir, card
 
 
+def load_timing_model(name: str, calib_size: int):
+    """(module, calibration batches, (Preprocess, eval_dir) or None) for the latency benchmarks. timm
+    ``vit_small_patch16_224`` gets random weights and random calibration images: timing only, no eval set."""
+    if name == "vit_small_patch16_224":
+        import timm
+
+        torch.manual_seed(0)
+        model = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+        calib = list(torch.randn(calib_size, 3, 224, 224, generator=torch.Generator().manual_seed(0)).split(16))
+        return model, calib, None
+    from vitqc.data import load_calibration
+
+    require_shared()
+    model, pre, eval_dir, calib_dir, _ = load_reference_model(name)
+    calib = load_calibration(calib_dir, pre, size=calib_size, seed=0, batch_size=50)
+    return model, calib, (pre, eval_dir)
+
+
 def decode_eval_set(eval_dir: Path, preprocess, limit: int | None = None, batch_size: int = 250):
     """Decode the labelled eval set once (every method is then scored on identical tensors)."""
     from vitqc.data import ImageFolderData, iterate_labeled

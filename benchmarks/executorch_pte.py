@@ -1,8 +1,8 @@
 """ExecuTorch (XNNPACK) .pte of vitqc's quantized model vs an fp32 .pte of the same model: latency, size, and
 top-1 agreement with vitqc's quantized (integer) program on the CIFAR-10 test set.
 
-    python benchmarks/executorch_pte.py [--model vits14_cifar10] [--schemes w8a8,w4a8,w8a8-token,...] [--limit N]
-        [--runs 20] [--threads 1] [--calib-size 256] [--tag TAG] [--latency-only]
+    python benchmarks/executorch_pte.py [--model vits14_cifar10|vit_small_patch16_224] [--schemes w8a8,w8a8-token,...]
+        [--batch 1] [--limit N] [--runs 20] [--threads 1] [--calib-size 256] [--tag TAG] [--latency-only]
         [--attention vitqc|fp32]
     python benchmarks/executorch_pte.py --time BASELINE.pte OTHER.pte ... [--runs 30] [--tag TAG]
 
@@ -10,7 +10,8 @@ top-1 agreement with vitqc's quantized (integer) program on the CIFAR-10 test se
 interleaved, each as a ratio to the first: for timing on a quiet machine apart from the long agreement pass.
 
 Both programs are lowered from the same float graph (vitqc's dequantized weights; the fp32 one without
-quantization), static batch 1, and run with ``executorch.runtime``. Latency: median of ``--runs`` calls after
+quantization), with a static batch (``--batch``, default 1), and run with ``executorch.runtime``.
+timm ``vit_small_patch16_224`` has random weights and random calibration images: latency and size only. Latency: median of ``--runs`` calls after
 3 warm-up calls, fp32 and quantized calls interleaved. Agreement: argmax of the quantized .pte against
 vitqc's quantized program, image by image, on ``--limit`` test images spread over the classes (default all
 10,000). Next to it, the agreement of vitqc's own program computed with float GEMMs (``float_program`` run
@@ -33,7 +34,7 @@ import torch
 
 from vitqc.backends.executorch import ATTENTION
 
-from common import Timer, decode_eval_set, load_reference_model, require_shared, write_result
+from common import Timer, decode_eval_set, load_timing_model, write_result
 
 # scheme -> (pipeline, options changed). "-token": per-token activations, which XNNPACK's dynamic int8 takes exactly
 # at A8 and A4 (see vitqc.backends.executorch._device_act); the minmax pipelines' own activations are per tensor.
@@ -82,6 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="vits14_cifar10")
     ap.add_argument("--schemes", default="w8a8,w4a8")
+    ap.add_argument("--batch", type=int, default=1, help="static batch of both .pte programs")
     ap.add_argument("--limit", type=int, default=None, help="test images (default: all)")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the vitqc reference model")
@@ -95,15 +97,17 @@ def main() -> None:
     if args.time:
         return time_files(args.time, max(args.runs, 20), args.tag)
     torch.set_num_threads(args.threads)
-    require_shared()
     import vitqc
     from vitqc.backends.executorch import float_program, load_pte, lower_executorch, run_pte, save_pte
-    from vitqc.data import load_calibration
 
-    module, pre, eval_dir, calib_dir, card = load_reference_model(args.model)
-    calib = load_calibration(calib_dir, pre, size=args.calib_size, seed=0, batch_size=50)
-    test = decode_eval_set(eval_dir, pre, limit=1 if args.latency_only else args.limit, batch_size=100)
-    n_test = sum(len(y) for _, y in test)
+    module, calib, data = load_timing_model(args.model, args.calib_size)
+    latency_only = args.latency_only or data is None  # random-weight timm models have no eval set
+    if data is None:
+        test = [(torch.randn(args.batch, *calib[0].shape[1:], generator=torch.Generator().manual_seed(1)), None)]
+    else:
+        pre, eval_dir = data
+        test = decode_eval_set(eval_dir, pre, limit=args.batch if latency_only else args.limit, batch_size=100)
+    n_test = 0 if latency_only else sum(len(y) for _, y in test)
     tmp = Path(tempfile.mkdtemp(prefix="vitqc-pte-"))
     print(f".pte files go to {tmp}", flush=True)
     rows = []
@@ -113,36 +117,36 @@ def main() -> None:
             gm = vitqc.compile(copy.deepcopy(module), pipeline, calib, quiet=True, **options)
         print(f"{args.model} {scheme}: compiled in {tc.seconds:.0f}s", flush=True)
         with Timer() as tl:
-            fp32 = lower_executorch(gm, fp32=True, batch=1, announce=None)
-            quant = lower_executorch(gm, batch=1, attention=args.attention,
+            fp32 = lower_executorch(gm, fp32=True, batch=args.batch, announce=None)
+            quant = lower_executorch(gm, batch=args.batch, attention=args.attention,
                                      announce=lambda line: print(f"  {line}", flush=True))
         fp32_path, q_path = save_pte(fp32, tmp / f"{scheme}-fp32.pte"), save_pte(quant, tmp / f"{scheme}.pte")
         print(f"  lowered both in {tl.seconds:.0f}s: fp32 {fp32.delegates} delegate segments, "
               f"quantized {quant.delegates}", flush=True)
         fp32_m, q_m = load_pte(fp32_path), load_pte(q_path)
-        x = test[0][0][:1].contiguous()
+        x = test[0][0][:args.batch].contiguous()
         fp_ms, q_ms = latency(fp32_m, q_m, x, args.runs)
-        print(f"  latency batch 1: fp32 .pte {fp_ms:.1f} ms, quantized .pte {q_ms:.1f} ms (x{fp_ms / q_ms:.2f})", flush=True)
+        print(f"  latency batch {args.batch}: fp32 .pte {fp_ms:.1f} ms, quantized .pte {q_ms:.1f} ms (x{fp_ms / q_ms:.2f})", flush=True)
         agree = agree_float = right_q = right_pte = right_fp = right_fp32pte = 0
-        float_gemm = None if args.latency_only else float_program(gm, attention=args.attention)[0]
+        float_gemm = None if latency_only else float_program(gm, attention=args.attention)[0]
         with Timer() as te, torch.no_grad():
-            for xb, yb in ([] if args.latency_only else test):
+            for xb, yb in ([] if latency_only else test):
                 ref = gm(xb).argmax(1)
                 agree_float += int((float_gemm(xb).argmax(1) == ref).sum())
-                got = run_pte(q_m, xb, batch=1).argmax(1)
-                got_fp = run_pte(fp32_m, xb, batch=1).argmax(1)
+                got = run_pte(q_m, xb, batch=args.batch).argmax(1)
+                got_fp = run_pte(fp32_m, xb, batch=args.batch).argmax(1)
                 agree += int((got == ref).sum())
                 right_q += int((ref == yb).sum())
                 right_pte += int((got == yb).sum())
                 right_fp32pte += int((got_fp == yb).sum())
                 right_fp += int((module(xb).argmax(1) == yb).sum())
-        row = {"model": args.model, "scheme": scheme, "attention": args.attention, "pipeline": SCHEMES[scheme][0], "options": SCHEMES[scheme][1], "substitution": quant.substitution,
+        row = {"model": args.model, "scheme": scheme, "batch": args.batch, "attention": args.attention, "pipeline": SCHEMES[scheme][0], "options": SCHEMES[scheme][1], "substitution": quant.substitution,
                "fp32_pte_bytes": fp32_path.stat().st_size, "pte_bytes": q_path.stat().st_size,
                "size_ratio": q_path.stat().st_size / fp32_path.stat().st_size,
                "fp32_pte_ms": round(fp_ms, 2), "pte_ms": round(q_ms, 2), "speedup": round(fp_ms / q_ms, 2),
                "delegates_fp32": fp32.delegates, "delegates": quant.delegates, "portable_ops": quant.portable_ops,
-               "images": 0 if args.latency_only else n_test}
-        if not args.latency_only:
+               "images": n_test}
+        if not latency_only:
             row.update({"agreement_with_vitqc": agree / n_test, "agreement_float_gemm_with_vitqc": agree_float / n_test,
                         "top1_vitqc": right_q / n_test, "top1_pte": right_pte / n_test,
                         "top1_fp32_pte": right_fp32pte / n_test, "top1_fp32_eager": right_fp / n_test,
@@ -151,14 +155,14 @@ def main() -> None:
         print(f"  {row}", flush=True)
         write_result("executorch_pte", {"rows": rows, "args": vars(args), "cores": os.cpu_count(),
                                         "load_avg": os.getloadavg()}, args.tag)
-    print("\n| model | scheme | .pte ms (fp32 .pte ms) | speedup | size MB (fp32 MB) | size ratio | delegates | "
+    print("\n| model | batch | scheme | .pte ms (fp32 .pte ms) | speedup | size MB (fp32 MB) | size ratio | delegates | "
           "agreement with vitqc | vitqc with float GEMMs vs vitqc | top-1 .pte / vitqc / fp32 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        quality = "– | – | –" if args.latency_only else (
+        quality = "– | – | –" if latency_only else (
             f"{r['agreement_with_vitqc']:.2%} ({r['images']} images) | {r['agreement_float_gemm_with_vitqc']:.2%} | "
             f"{r['top1_pte']:.2%} / {r['top1_vitqc']:.2%} / {r['top1_fp32_eager']:.2%}")
-        print(f"| {r['model']} | {r['scheme']} | {r['pte_ms']} ({r['fp32_pte_ms']}) | {r['speedup']} | "
+        print(f"| {r['model']} | {r['batch']} | {r['scheme']} | {r['pte_ms']} ({r['fp32_pte_ms']}) | {r['speedup']} | "
               f"{r['pte_bytes'] / 1e6:.2f} ({r['fp32_pte_bytes'] / 1e6:.2f}) | {r['size_ratio']:.2f} | {r['delegates']} | "
               f"{quality} |")
 
