@@ -17,7 +17,8 @@ Ablations (one model, one scheme, same iterations): joint (the pipeline as shipp
 run block by block, without channel_rescale, without weight_refine, and with 32 / 256 / 1000 calibration
 images for the optimization (initialisation always uses the first 32).
 
-Tune: the joint pipeline as shipped, then once per `--try` with those joint_optimize options changed; these
+Tune: the joint pipeline as shipped, then once per `--try` with those options changed (a bare name is a
+joint_optimize option, PASS.OPTION another pass's, e.g. channel_rescale.alpha=0.2); these
 are the runs that choose the pipelines' defaults.
 """
 from __future__ import annotations
@@ -126,13 +127,15 @@ def ablations(args) -> None:
 
 
 def parse_try(text: str) -> dict:
-    """'lr_refine=1e-2,lr_quant=3e-3' -> {'joint_optimize__lr_refine': 0.01, ...}"""
+    """'lr_refine=1e-2,channel_rescale.alpha=0.2' -> {'joint_optimize__lr_refine': 0.01,
+    'channel_rescale__alpha': 0.2}: a bare name is a joint_optimize option, PASS.OPTION any pass's."""
     out = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if not value:
-            raise SystemExit(f"--try {text!r}: write joint_optimize options as name=value,name=value")
-        out[f"joint_optimize__{key.strip()}"] = float(value)
+            raise SystemExit(f"--try {text!r}: write options as name=value,pass.name=value")
+        key = key.strip()
+        out[key.replace(".", "__", 1) if "." in key else f"joint_optimize__{key}"] = float(value)
     return out
 
 
@@ -191,7 +194,8 @@ def main() -> None:
     u.add_argument("--model", default="vits14_cifar10")
     u.add_argument("--scheme", default="w4a4")
     u.add_argument("--try", dest="tries", action="append", default=[],
-                   help="joint_optimize options to try, e.g. lr_refine=1e-2,lr_quant=3e-3 (repeatable)")
+                   help="options to try, e.g. lr_refine=1e-2,channel_rescale.alpha=0.2 (repeatable; "
+                        "a bare name is a joint_optimize option)")
     for p in (t, a, u):
         p.add_argument("--iterations", type=int, default=None, help="override every joint pipeline's iterations")
         p.add_argument("--batch-size", type=int, default=None, help="override every joint pipeline's batch size")
