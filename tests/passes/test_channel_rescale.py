@@ -52,6 +52,16 @@ def test_smoothquant_init_balances_activation_and_weight_ranges(calib):
     assert torch.allclose(hits["x"], w, rtol=1e-3)
 
 
+
+
+def test_alpha_zero_evens_out_weight_columns_and_stays_exact(calib):
+    # joint-w1.58a8 ships alpha = 0: no activation range moves into the ternary weights; each input column of
+    # the consumers is scaled to max |w| = 1 (fc1 is the only consumer of norm2, so exactly 1 for every column)
+    model = tiny_vit()
+    gm = rescaled(model, calib, alpha=0.0)
+    w = gm.get_submodule("blocks.0.mlp.fc1").effective_weight().abs().amax(0)
+    assert torch.allclose(w, torch.ones_like(w), rtol=1e-5)
+    assert max_diff(gm, model, torch.cat(calib)) <= 1e-5
 def test_layer_scale_and_swin_and_post_norm_are_exact(calib):
     from timm.models.swin_transformer import SwinTransformer
 
