@@ -118,6 +118,8 @@ def run_cell(cells, key, result_name, fn):
         print(f"{key}: {cells[key]['top1']:.4f} (recorded earlier)", flush=True)
         return cells[key]
     cells[key] = fn()
+    # Cells another process recorded meanwhile are kept: two runs may fill one results file (one per core).
+    cells.update({k: v for k, v in load_cells(result_name).items() if k not in cells})
     write_result(result_name, {"cells": cells, "machine": machine()})
     c = cells[key]
     print(f"{key}: {c['top1']:.4f}  (compile {c.get('compile_s', 0):.0f}s, eval {c['eval_s']:.0f}s)", flush=True)

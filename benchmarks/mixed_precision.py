@@ -2,11 +2,15 @@
 
     python benchmarks/mixed_precision.py [--model vits14_cifar10] [--iterations N] [--batch-size N]
                                          [--population N] [--generations N] [--limit N] [--result NAME]
+                                         [--search-set OPTION=VALUE ...] [--arms uniform,mp]
 
 Both arms are the same pipeline (joint-w4a4's passes and options) except that `mp-joint` runs
 mixed_precision_search (average W4 A4 from {3,4,6,8}, head and patch embed at 8 as in joint-w4a4) before
 calibrate. Calibration: ../shared cifar10/calib (or MNIST's calib slice); evaluation on the test set
 (every image unless --limit). Cells are written as they finish and a rerun skips them (resume).
+`--search-set contrastive_weight=0` varies mixed_precision_search's options; its cell is named after them
+(`mp-joint[contrastive_weight=0]`), so variants share one results file and one uniform arm: run
+`--arms mp` in a second process beside a first that runs both, one core each.
 """
 from __future__ import annotations
 
@@ -32,6 +36,12 @@ def arm(module, pipeline, calib, test, overrides):
     return cell
 
 
+def fp_cell(module, test) -> dict:
+    with Timer() as t:
+        acc = top1(module, test)
+    return {"top1": acc, "eval_s": round(t.seconds, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="vits14_cifar10")
@@ -42,6 +52,9 @@ def main() -> None:
     ap.add_argument("--search-images", type=int, default=None)
     ap.add_argument("--limit", type=int, default=None, help="evaluate on N test images (default: all)")
     ap.add_argument("--result", default=None)
+    ap.add_argument("--search-set", action="append", default=[], metavar="OPTION=VALUE",
+                    help="a mixed_precision_search option of the mp arm (repeatable)")
+    ap.add_argument("--arms", default="uniform,mp", help="which arms to run: uniform, mp or both")
     args = ap.parse_args()
     require_shared()
     from vitqc.data import load_calibration
@@ -55,25 +68,39 @@ def main() -> None:
              if v is not None]
     search = [f"mixed_precision_search.{k}={v}" for k, v in (("population", args.population),
               ("generations", args.generations), ("images", args.search_images)) if v is not None]
-    with Timer() as t:
-        fp = top1(module, test)
-    run_cell(cells, "fp32", result, lambda: {"top1": fp, "eval_s": round(t.seconds, 1)})
-    run_cell(cells, "joint-w4a4", result, lambda: arm(module, "joint-w4a4", calib, test, joint))
-    run_cell(cells, "mp-joint", result, lambda: arm(module, "mp-joint", calib, test, joint + search))
+    search += [f"mixed_precision_search.{kv}" for kv in args.search_set]
+    mp_key = f"mp-joint[{','.join(args.search_set)}]" if args.search_set else "mp-joint"
+    arms = set(args.arms.split(","))
+    if not arms <= {"uniform", "mp"}:
+        sys.exit(f"--arms: {args.arms!r}: give uniform, mp or uniform,mp")
+    fp = run_cell(cells, "fp32", result, lambda: fp_cell(module, test))["top1"]
+    if "uniform" in arms:
+        run_cell(cells, "joint-w4a4", result, lambda: arm(module, "joint-w4a4", calib, test, joint))
+    if "mp" in arms:
+        run_cell(cells, mp_key, result, lambda: arm(module, "mp-joint", calib, test, joint + search))
+    print_table(args.model, sum(len(y) for _, y in test), joint, fp, load_cells(result), mp_key)
 
-    s = cells["mp-joint"]["search"]
-    print(f"\n{args.model}, {len(test) and sum(len(y) for _, y in test)} test images, joint {joint or 'pipeline defaults'}")
+
+def print_table(model, images, joint, fp, cells, mp_key):
+    print(f"\n{model}, {images} test images, joint {joint or 'pipeline defaults'}")
     print("| pipeline | avg W bits | avg A bits | top-1 % | vs FP | search fitness | compile s |\n|---|---|---|---|---|---|---|")
     print(f"| FP32 | 32 | 32 | {100 * fp:.2f} | | | |")
-    print(f"| joint-w4a4 (uniform) | 4 | 4 | {100 * cells['joint-w4a4']['top1']:.2f} | "
-          f"{100 * (cells['joint-w4a4']['top1'] - fp):+.2f} | {s['uniform_fitness']:.4f} | {cells['joint-w4a4']['compile_s']} |")
-    print(f"| mp-joint (searched) | {s['average_weight_bits']:.3f} | {s['average_act_bits']:.3f} | "
-          f"{100 * cells['mp-joint']['top1']:.2f} | {100 * (cells['mp-joint']['top1'] - fp):+.2f} | {s['fitness']:.4f} | "
-          f"{cells['mp-joint']['compile_s']} |")
-    print(f"\nsearch: {s['evaluations']} candidates on {s['images']} images in {s['seconds']} s")
-    print("| layer | W bits | A bits |\n|---|---|---|")
-    for row in s["layers"]:
-        print(f"| {row['path']} | {row.get('weight_bits', '')} | {row.get('act_bits', '')} |")
+    if "joint-w4a4" in cells:
+        u = cells["joint-w4a4"]
+        print(f"| joint-w4a4 (uniform) | 4 | 4 | {100 * u['top1']:.2f} | {100 * (u['top1'] - fp):+.2f} | | "
+              f"{u['compile_s']} |")
+    for key, c in cells.items():
+        if key.startswith("mp-joint"):
+            s = c["search"]
+            print(f"| {key} (searched; uniform scored {s['uniform_fitness']:.4f}) | {s['average_weight_bits']:.3f} | "
+                  f"{s['average_act_bits']:.3f} | {100 * c['top1']:.2f} | {100 * (c['top1'] - fp):+.2f} | "
+                  f"{s['fitness']:.4f} | {c['compile_s']} |")
+    if mp_key in cells:
+        s = cells[mp_key]["search"]
+        print(f"\n{mp_key} search: {s['evaluations']} candidates on {s['images']} images in {s['seconds']} s")
+        print("| layer | W bits | A bits |\n|---|---|---|")
+        for row in s["layers"]:
+            print(f"| {row['path']} | {row.get('weight_bits', '')} | {row.get('act_bits', '')} |")
 
 
 if __name__ == "__main__":
