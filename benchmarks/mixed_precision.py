@@ -10,7 +10,8 @@ calibrate. Calibration: ../shared cifar10/calib (or MNIST's calib slice); evalua
 (every image unless --limit). Cells are written as they finish and a rerun skips them (resume).
 `--search-set contrastive_weight=0` varies mixed_precision_search's options; its cell is named after them
 (`mp-joint[contrastive_weight=0]`), so variants share one results file and one uniform arm: run
-`--arms mp` in a second process beside a first that runs both, one core each.
+`--arms mp` in a second process beside a first that runs both, one core each. `--seed S` repeats both arms
+at another compile seed (cells `joint-w4a4@seedS`, `mp-joint@seedS`).
 """
 from __future__ import annotations
 
@@ -21,15 +22,16 @@ import sys
 from common import Timer, decode_eval_set, load_cells, load_reference_model, require_shared, run_cell, top1
 
 
-def arm(module, pipeline, calib, test, overrides):
+def arm(module, pipeline, calib, test, overrides, seed):
     import vitqc
 
     with Timer() as tc:
-        q = vitqc.compile(copy.deepcopy(module), pipeline, calib, quiet=False, set=overrides)
+        q = vitqc.compile(copy.deepcopy(module), pipeline, calib, quiet=False, set=overrides, seed=seed)
     with Timer() as te:
         acc = top1(q, test)
     record = q.meta["vitqc"]["record"]
     cell = {"top1": acc, "compile_s": round(tc.seconds, 1), "eval_s": round(te.seconds, 1), "overrides": overrides,
+            "seed": seed,
             "joint_seconds": record["joint_optimize"]["seconds"]}
     if "mixed_precision_search" in record:
         cell["search"] = record["mixed_precision_search"]
@@ -55,6 +57,7 @@ def main() -> None:
     ap.add_argument("--search-set", action="append", default=[], metavar="OPTION=VALUE",
                     help="a mixed_precision_search option of the mp arm (repeatable)")
     ap.add_argument("--arms", default="uniform,mp", help="which arms to run: uniform, mp or both")
+    ap.add_argument("--seed", type=int, default=0, help="compile seed of both arms (cells of seed S > 0 end in @seedS)")
     args = ap.parse_args()
     require_shared()
     from vitqc.data import load_calibration
@@ -69,15 +72,17 @@ def main() -> None:
     search = [f"mixed_precision_search.{k}={v}" for k, v in (("population", args.population),
               ("generations", args.generations), ("images", args.search_images)) if v is not None]
     search += [f"mixed_precision_search.{kv}" for kv in args.search_set]
-    mp_key = f"mp-joint[{','.join(args.search_set)}]" if args.search_set else "mp-joint"
+    at_seed = f"@seed{args.seed}" if args.seed else ""
+    uniform_key = "joint-w4a4" + at_seed
+    mp_key = (f"mp-joint[{','.join(args.search_set)}]" if args.search_set else "mp-joint") + at_seed
     arms = set(args.arms.split(","))
     if not arms <= {"uniform", "mp"}:
         sys.exit(f"--arms: {args.arms!r}: give uniform, mp or uniform,mp")
     fp = run_cell(cells, "fp32", result, lambda: fp_cell(module, test))["top1"]
     if "uniform" in arms:
-        run_cell(cells, "joint-w4a4", result, lambda: arm(module, "joint-w4a4", calib, test, joint))
+        run_cell(cells, uniform_key, result, lambda: arm(module, "joint-w4a4", calib, test, joint, args.seed))
     if "mp" in arms:
-        run_cell(cells, mp_key, result, lambda: arm(module, "mp-joint", calib, test, joint + search))
+        run_cell(cells, mp_key, result, lambda: arm(module, "mp-joint", calib, test, joint + search, args.seed))
     print_table(args.model, sum(len(y) for _, y in test), joint, fp, load_cells(result), mp_key)
 
 
@@ -85,12 +90,11 @@ def print_table(model, images, joint, fp, cells, mp_key):
     print(f"\n{model}, {images} test images, joint {joint or 'pipeline defaults'}")
     print("| pipeline | avg W bits | avg A bits | top-1 % | vs FP | search fitness | compile s |\n|---|---|---|---|---|---|---|")
     print(f"| FP32 | 32 | 32 | {100 * fp:.2f} | | | |")
-    if "joint-w4a4" in cells:
-        u = cells["joint-w4a4"]
-        print(f"| joint-w4a4 (uniform) | 4 | 4 | {100 * u['top1']:.2f} | {100 * (u['top1'] - fp):+.2f} | | "
-              f"{u['compile_s']} |")
     for key, c in cells.items():
-        if key.startswith("mp-joint"):
+        if key.startswith("joint-w4a4"):
+            print(f"| {key} (uniform) | 4 | 4 | {100 * c['top1']:.2f} | {100 * (c['top1'] - fp):+.2f} | | "
+                  f"{c['compile_s']} |")
+        elif key.startswith("mp-joint"):
             s = c["search"]
             print(f"| {key} (searched; uniform scored {s['uniform_fitness']:.4f}) | {s['average_weight_bits']:.3f} | "
                   f"{s['average_act_bits']:.3f} | {100 * c['top1']:.2f} | {100 * (c['top1'] - fp):+.2f} | "
