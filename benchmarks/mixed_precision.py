@@ -2,7 +2,7 @@
 
     python benchmarks/mixed_precision.py [--model vits14_cifar10] [--iterations N] [--batch-size N]
                                          [--population N] [--generations N] [--limit N] [--result NAME]
-                                         [--search-set OPTION=VALUE ...] [--arms uniform,mp]
+                                         [--search-set OPTION=VALUE ...] [--arms uniform,mp] [--seed S]
 
 Both arms are the same pipeline (joint-w4a4's passes and options) except that `mp-joint` runs
 mixed_precision_search (average W4 A4 from {3,4,6,8}, head and patch embed at 8 as in joint-w4a4) before
