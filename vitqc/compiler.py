@@ -79,9 +79,15 @@ def compile(model: nn.Module, pipeline: str | Pipeline, calib: torch.Tensor | Se
         if not batches:
             raise VitqcError("vitqc.compile needs calibration images or an `example` input to trace the model")
         example = batches[0][:1]
-    gm = model if isinstance(model, fx.GraphModule) else capture(model, example)
+    if not isinstance(model, fx.GraphModule):
+        # the example goes where the model's weights are (a model moved by an earlier compile on a GPU)
+        on = next(model.parameters(), None)
+        gm = capture(model, example if on is None else example.to(on.device))
+    else:
+        gm = model
     if reference is None:
         reference = copy.deepcopy(gm)
+    reference = reference.to(device)
     ctx = CompileContext(calib=batches, reference=reference, seed=seed, quiet=quiet, work_dir=work_dir,
                          resume=resume, device=torch.device(device))
     manager = PassManager(passes, dump_dir=dump_graphs)

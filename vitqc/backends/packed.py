@@ -32,8 +32,11 @@ program (same activation codes from the same float ops, exact integer accumulati
 Speed: the eager program runs every quantize/dequantize as separate elementwise ops;
 ``torch.compile(packed.module())`` (inductor) fuses them around the int8 GEMMs (measured in the benchmark).
 
-Not done: CUDA is not verified (no GPU here; off the CPU, ``int8_matmul`` accumulates in float64, exact but
-not fast, because CUDA's ``_int_mm`` needs M > 16 and K, N multiples of 8 and nothing pads for it yet), no Triton kernels, no int8 kernel for
+CUDA: lower a materialized graph that is on the GPU, with an example input there (``torch.export`` records
+the device's kernels); the int8 GEMMs are then ``torch._int_mm`` with the operands zero-padded to the shapes
+CUDA's kernel takes (``padded_int_mm``).
+
+Not done: no Triton kernels, no int8 kernel for
 the attention matmuls (fp32 GEMM of integer codes, see above), per-channel activation quantizers and
 non-patchify convolutions stay as the source program runs them (listed in the manifest's ``not_lowered``).
 """

@@ -78,7 +78,7 @@ class ChannelRescale(VitqcPass):
             kept, rejected = [], []
             gen = torch.Generator().manual_seed(ctx.seed)
             for fold in candidates:
-                random = torch.exp(torch.empty(fold.channels).uniform_(-0.7, 0.7, generator=gen))
+                random = torch.exp(torch.empty(fold.channels).uniform_(-0.7, 0.7, generator=gen)).to(images.device)
                 undo = _apply(gm, fold, random)
                 try:
                     err = float((gm(probe) - reference).abs().max() / reference.abs().max().clamp_min(1e-12))

@@ -57,6 +57,9 @@ class PassManager:
         for index, pass_ in enumerate(self.passes, start=1):
             before = _node_signature(gm)
             start = time.perf_counter()
+            # Every pass sees the graph on the compile device: modules a previous pass inserted were built
+            # on the CPU (Module.to is a no-op for tensors already there).
+            gm = gm.to(ctx.device)
             result = pass_(gm, ctx)
             gm = result.graph_module
             after = _node_signature(gm)

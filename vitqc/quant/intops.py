@@ -11,7 +11,7 @@ fake-quant model evaluated in float64 disagrees with itself in float32 on 2-6 % 
 (benchmarks/backend_latency.py --agreement). Any kernel whose accumulation differs would inherit that
 disagreement; integer accumulation is exact, so every implementation of it agrees.
 
-Exactness: ``int8_matmul`` accumulates in int32 (``torch._int_mm`` on CPU) or in float64 elsewhere (exact for
+Exactness: ``int8_matmul`` accumulates in int32 (``torch._int_mm`` on CPU and CUDA) or in float64 elsewhere (exact for
 any K below 2^37 / 128^2), then converts to float32 once. The attention matmuls multiply integer codes in
 float32, exact while ``K * max|a| * max|b| < 2^24`` (head dim or token count K <= 258 at 8 bits; every
 ViT here), because PyTorch has no batched int8 GEMM on CPU.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["EPS", "token_qparams", "act_codes", "int8_matmul", "integer_linear", "patches", "integer_matmul", "shift_for"]
+__all__ = ["EPS", "token_qparams", "act_codes", "int8_matmul", "padded_int_mm", "integer_linear", "patches", "integer_matmul", "shift_for"]
 
 EPS = 1e-8  # the smallest scale a quantizer uses (UniformQuantizer's _EPS)
 
@@ -81,11 +81,26 @@ def act_codes(x: Tensor, *, granularity: str, qmin: int, qmax: int, symmetric: b
 
 
 def int8_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` for int8 ``a`` [M, K] and ``b`` [K, N], exact, as float32 (one rounding of the exact sum)."""
+    """``a @ b`` for int8 ``a`` [M, K] and ``b`` [K, N], exact, as float32 (one rounding of the exact sum): int32
+    accumulation by ``torch._int_mm`` on CPU and CUDA, float64 on other devices."""
     if a.device.type == "cpu":
         return torch._int_mm(a, b).to(torch.float32)
-    # CUDA's _int_mm wants M > 16 and K, N multiples of 8; float64 is exact for every shape instead
+    if a.device.type == "cuda":
+        return padded_int_mm(a, b).to(torch.float32)
     return float64_matmul(a, b)
+
+
+def padded_int_mm(a: Tensor, b: Tensor) -> Tensor:
+    """``torch._int_mm`` for any shape: CUDA's wants M > 16 and K, N multiples of 8, so ``a`` and ``b`` get
+    zero rows / columns (which add nothing to any sum) and the result is cut back to [M, N]. ``a`` always gets
+    16 rows more: M > 16 then holds with no branch on M, which ``torch.export`` keeps symbolic (dynamic batch)."""
+    m, k = a.shape
+    n = b.shape[1]
+    pad_k, pad_n = -k % 8, -n % 8
+    a = torch.nn.functional.pad(a, (0, pad_k, 0, 16))
+    if pad_k or pad_n:  # pad b as [N, K] and transpose back: a weight's ``w.t()`` stays column-major
+        b = torch.nn.functional.pad(b.t(), (0, pad_k, 0, pad_n)).t()
+    return torch._int_mm(a, b)[:m, :n]
 
 
 def float64_matmul(a: Tensor, b: Tensor) -> Tensor:
