@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy_joint.py table     [--models vit_tiny_cifar10,...] [--schemes w4a4,...]
                                                   [--families minmax,joint] [--iterations N] [--batch-size N]
-                                                  [--limit N] [--result NAME]
+                                                  [--limit N] [--result NAME] [--device cuda]
     python benchmarks/accuracy_joint.py ablations [--model vit_tiny_cifar10] [--scheme w4a4]
                                                   [--iterations N] [--limit N] [--result NAME]
     python benchmarks/accuracy_joint.py tune      [--model ...] [--scheme w4a4] --try "lr_refine=1e-2,lr_quant=3e-3"
@@ -36,6 +36,7 @@ SCHEMES = ("w8a8", "w4a4", "w3a3", "w1.58a8")
 
 
 BATCH_SIZE: int | None = None  # --batch-size: joint_optimize batch size of every joint pipeline
+DEVICE = "cpu"  # --device: where vitqc.compile runs and the models are evaluated
 
 
 def compiled_cell(module, pipeline, calib, test, iterations, **overrides):
@@ -49,7 +50,7 @@ def compiled_cell(module, pipeline, calib, test, iterations, **overrides):
         if BATCH_SIZE is not None:
             overrides["joint_optimize__batch_size"] = BATCH_SIZE
     with Timer() as tc:
-        q = vitqc.compile(copy.deepcopy(module), pipe, calib, quiet=True, **overrides)
+        q = vitqc.compile(copy.deepcopy(module), pipe, calib, quiet=True, device=DEVICE, **overrides)
     with Timer() as te:
         preds = predictions(q, test)
     acc = top1(q, test, preds)
@@ -58,7 +59,7 @@ def compiled_cell(module, pipeline, calib, test, iterations, **overrides):
     its = next((s.options.get("iterations") for s in pipe.steps if s.name == "joint_optimize"), None)
     batch = next((s.options.get("batch_size") for s in pipe.steps if s.name == "joint_optimize"), None)
     return {"top1": acc, "agreement_with_fp": agreement,
-            "compile_s": round(tc.seconds, 1), "eval_s": round(te.seconds, 1),
+            "compile_s": round(tc.seconds, 1), "eval_s": round(te.seconds, 1), "device": DEVICE,
             "iterations": overrides.get("joint_optimize__iterations", its),
             "batch_size": overrides.get("joint_optimize__batch_size", batch),
             "calib_images": sum(len(b) for b in calib)}
@@ -71,7 +72,7 @@ def fp_cell(module, test):
     """Top-1 of the FP model; also keeps its predictions for the agreement of every later cell."""
     global FP_PREDICTIONS
     with Timer() as te:
-        FP_PREDICTIONS = predictions(module, test)
+        FP_PREDICTIONS = predictions(copy.deepcopy(module).to(DEVICE), test)
     return {"top1": top1(module, test, FP_PREDICTIONS), "eval_s": round(te.seconds, 1)}
 
 
@@ -201,11 +202,12 @@ def main() -> None:
         p.add_argument("--batch-size", type=int, default=None, help="override every joint pipeline's batch size")
         p.add_argument("--limit", type=int, default=None, help="evaluate on N test images (default: all)")
         p.add_argument("--result", default=None, help="name of the JSON file in benchmarks/results")
+        p.add_argument("--device", default="cpu", help="cpu or cuda: where compile (joint_optimize) and evaluation run")
     args = ap.parse_args()
     require_shared()
     args.result = args.result or f"accuracy_joint_{args.what}"
-    global BATCH_SIZE
-    BATCH_SIZE = args.batch_size
+    global BATCH_SIZE, DEVICE
+    BATCH_SIZE, DEVICE = args.batch_size, args.device
     {"table": table, "ablations": ablations, "tune": tune}[args.what](args)
 
 

@@ -1,11 +1,12 @@
 """Packed backend: latency vs fp32 eager in the same process, size on disk, and agreement with the artifact.
 
     python benchmarks/backend_latency.py [--models vits14_cifar10,vit_small_patch16_224] [--batches 1,8]
-        [--schemes w8a8,w4a8,w4a4,t158a8] [--runs 20] [--threads 1] [--compile] [--agreement N]
+        [--schemes w8a8,w4a8,w4a4,t158a8] [--runs 20] [--threads 1] [--compile] [--agreement N] [--device cuda]
 
-Latency: median of ``--runs`` timed calls after 3 warm-up calls, each scheme's calls interleaved with fp32
-eager calls on the same input (so both medians see the same machine load); ratio = fp32 median / scheme
-median. Rows: ``packed`` (weights unpacked to int8 inside every call), ``packed-load`` (unpacked once at load,
+Latency: median of ``--runs`` timed calls after 3 warm-up calls, each scheme's calls interleaved with the
+baseline's calls on the same input (so both medians see the same machine load); ratio = baseline median /
+scheme median. The baseline is fp32 eager on the CPU and bf16 eager with ``--device cuda`` (fp32 eager is
+then a row of its own). Rows: ``packed`` (weights unpacked to int8 inside every call), ``packed-load`` (unpacked once at load,
 int8 in memory), ``artifact`` (the materialized integer program the artifact exports), ``fake-quant`` (the
 graph before materialize: dequantized values, float GEMMs) and, with ``--compile``, ``packed+inductor``
 (``torch.compile`` of the packed program: fuses the quantize/unpack/dequantize elementwise ops; compile time
@@ -43,19 +44,23 @@ SCHEMES = {
 }
 
 
-def interleaved(fp32, candidate, x, runs: int) -> tuple[float, float]:
-    """Medians (ms) of fp32 and candidate, timed alternately after 3 warm-up calls each."""
+def interleaved(baseline, candidate, x, runs: int, sync=lambda: None) -> tuple[float, float]:
+    """Medians (ms) of baseline and candidate, timed alternately after 3 warm-up calls each (``sync`` waits
+    for the GPU before each clock read)."""
     a, b = [], []
     with torch.no_grad():
         for _ in range(3):
-            fp32(x)
+            baseline(x)
             candidate(x)
+        sync()
         for _ in range(runs):
             t = time.perf_counter()
-            fp32(x)
+            baseline(x)
+            sync()
             a.append(time.perf_counter() - t)
             t = time.perf_counter()
             candidate(x)
+            sync()
             b.append(time.perf_counter() - t)
     return 1e3 * statistics.median(a), 1e3 * statistics.median(b)
 
@@ -107,6 +112,8 @@ def main() -> None:
     ap.add_argument("--no-fakequant", action="store_true", help="skip timing the fake-quant graph and the artifact's program")
     ap.add_argument("--tag", default="", help="results/backend_latency[-TAG].json")
     ap.add_argument("--sizes-only", action="store_true", help="lower and save, no timing")
+    ap.add_argument("--device", default="cpu", help="cuda: lower the packed program on the GPU and time it against "
+                    "bf16 eager there (sizes and agreement are measured on the CPU runs only)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import vitqc
@@ -114,6 +121,11 @@ def main() -> None:
 
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
                "torch": torch.__version__, "load_avg_start": os.getloadavg()}
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    if gpu:
+        machine["gpu"] = torch.cuda.get_device_name(device)
     print(f"machine: {machine}", flush=True)
     rows, sizes_rows, agree_rows = [], [], []
     tmp = Path(tempfile.mkdtemp(prefix="vitqc-bench-"))
@@ -121,39 +133,50 @@ def main() -> None:
         model, calib, data = load_timing_model(model_name, args.calib_size)
         n_params = sum(p.numel() for p in model.parameters())
         shape = calib[0].shape[1:]
+        # the baseline: fp32 eager on the CPU, bf16 eager on a GPU (where fp32 eager is timed as a variant)
+        fp32_eager = copy.deepcopy(model).to(device)
+        if gpu:
+            bf16 = copy.deepcopy(model).to(device, torch.bfloat16)
+            baseline_name, baseline = "bf16 eager", (lambda x: bf16(x.to(torch.bfloat16)))
+        else:
+            baseline_name, baseline = "fp32 eager", fp32_eager
         for scheme in args.schemes.split(","):
             pipeline, bits, ternary = SCHEMES[scheme]
             with Timer() as tc:  # the fake-quant graph, then its materialized (integer) program
                 fake = vitqc.compile(copy.deepcopy(model), without(pipeline, "materialize"), calib, quiet=True)
                 gm = vitqc.compile(copy.deepcopy(fake), "materialize", quiet=True, example=calib[0][:1])
             with Timer() as tl:
-                packed = lower_packed(gm, ternary=ternary)
+                packed = lower_packed(gm.to(device), calib[0][:1].to(device), ternary=ternary)
             print(f"{model_name} {scheme}: compile {tc.seconds:.0f}s, lower {tl.seconds:.0f}s", flush=True)
-            size = sizes(packed, tmp / f"{model_name}-{scheme}.pt2", n_params)
-            size.update({"model": model_name, "scheme": scheme, "bits": bits,
-                         "limit_bytes_per_weight": limit_bytes_per_weight(packed), "params": n_params})
-            sizes_rows.append(size)
-            variants = {"packed": packed.module("call"), "packed-load": packed.module("load")}
+            if not gpu:
+                size = sizes(packed, tmp / f"{model_name}-{scheme}.pt2", n_params)
+                size.update({"model": model_name, "scheme": scheme, "bits": bits,
+                             "limit_bytes_per_weight": limit_bytes_per_weight(packed), "params": n_params})
+                sizes_rows.append(size)
+            variants = {"fp32 eager": fp32_eager} if gpu else {}
+            variants.update({"packed": packed.module("call"), "packed-load": packed.module("load")})
             if not args.no_fakequant:
-                variants["fake-quant"] = fake
+                variants["fake-quant"] = fake.to(device)
                 variants["artifact"] = gm
             if args.compile:
                 with Timer() as tcc:
                     compiled = packed.module("call", compile=True)
                     with torch.no_grad():
                         for b in args.batches.split(","):
-                            compiled(torch.randn(int(b), *shape))
+                            compiled(torch.randn(int(b), *shape, device=device))
                 print(f"  torch.compile: {tcc.seconds:.0f}s", flush=True)
                 variants["packed+inductor"] = compiled
             for b in ([] if args.sizes_only else (int(v) for v in args.batches.split(","))):
-                x = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b))
+                x = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b)).to(device)
                 for variant, module in variants.items():
-                    fp_ms, ms = interleaved(model, module, x, args.runs)
-                    row = {"model": model_name, "batch": b, "scheme": scheme, "variant": variant,
-                           "ms": round(ms, 2), "fp32_ms": round(fp_ms, 2), "speedup": round(fp_ms / ms, 2)}
+                    base_ms, ms = interleaved(baseline, module, x, args.runs, sync)
+                    row = {"model": model_name, "batch": b, "scheme": scheme, "variant": variant, "device": str(device),
+                           "ms": round(ms, 2), "baseline": baseline_name, "baseline_ms": round(base_ms, 2),
+                           "speedup": round(base_ms / ms, 2)}
                     rows.append(row)
-                    print(f"  batch {b} {variant:16s} {ms:9.1f} ms  fp32 {fp_ms:9.1f} ms  x{fp_ms / ms:.2f}", flush=True)
-            if args.agreement and data is not None and model_name == "vits14_cifar10":
+                    print(f"  batch {b} {variant:16s} {ms:9.2f} ms  {baseline_name} {base_ms:9.2f} ms  "
+                          f"x{base_ms / ms:.2f}", flush=True)
+            if args.agreement and not gpu and data is not None and model_name == "vits14_cifar10":
                 pre, eval_dir = data
                 test = decode_eval_set(eval_dir, pre, limit=args.agreement, batch_size=100)
                 from vitqc.artifact import export_program
@@ -169,10 +192,11 @@ def main() -> None:
     write_result("backend_latency", {"machine": machine, "args": vars(args), "latency": rows, "sizes": sizes_rows,
                                      "agreement": agree_rows}, args.tag)
     print(f"\nmachine: {machine}\n")
-    print("| model | batch | scheme | variant | median ms | fp32 eager ms | speedup |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | device | batch | scheme | variant | median ms | baseline | baseline ms | speedup |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {r['scheme']} | {r['variant']} | {r['ms']} | {r['fp32_ms']} | {r['speedup']} |")
+        print(f"| {r['model']} | {r['device']} | {r['batch']} | {r['scheme']} | {r['variant']} | {r['ms']} | "
+              f"{r['baseline']} | {r['baseline_ms']} | {r['speedup']} |")
     print("\n| model | scheme | file B/param | weight B/weight (codes + per-channel) | codes only | limit bits/8 + scales |")
     print("|---|---|---|---|---|---|")
     for s in sizes_rows:

@@ -69,37 +69,10 @@ def calibration(source: str, module, pre, calib_dir: Path, size: int, args) -> t
 
 def tiny_timing(threads: int) -> dict:
     """Prompt learning and generation throughput on the tests' tiny diffusers pipeline (CPU)."""
-    import tempfile
+    from prompt_throughput import measure
 
-    from tests.calib.tiny_diffusion import build_tiny_sd
-    from tests.conftest import tiny_vit
-    from vitqc.calib.diffusion import load_diffusion
-    from vitqc.calib.learned_prompts import LearnedPromptSource
-    from vitqc.data import Preprocess
-
-    pre = Preprocess(input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.5,) * 3)
-    names = [f"class {i}" for i in range(8)]
-    out: dict = {"label": "tiny diffusers pipeline (UNet 32/64 ch, VAE 16/32 ch, 2-layer CLIP text, 16 px), CPU, "
-                          f"{threads} thread(s); not SD-Turbo"}
-    with tempfile.TemporaryDirectory() as tmp:
-        sampler = load_diffusion(str(build_tiny_sd(Path(tmp))), device="cpu")
-        model = tiny_vit(num_classes=8)
-        steps = 10
-        for per_step in (1, 8):
-            src = LearnedPromptSource(model, pre, names, sampler=sampler, seed=0, device="cpu", quiet=True, modes=4,
-                                      steps=steps, classes_per_step=per_step)
-            src.learn(list(range(8)))
-            out[f"learn_classes_per_step_{per_step}"] = {
-                "seconds_per_class": src.stats["learn_seconds_per_class"],
-                "images_per_second": src.stats["learn_images_per_second"], "steps": steps, "modes": 4}
-        src.embeddings.update(src.learn(list(range(8)), steps=1))
-        labels, indices = torch.arange(64) % 8, torch.arange(64) // 8
-        src.generate_batch(labels[:8], indices[:8])  # warm-up
-        with Timer() as t:
-            for k in range(0, 64, 16):
-                src.generate_batch(labels[k:k + 16], indices[k:k + 16])
-        out["generate_images_per_second"] = round(64 / t.seconds, 1)
-    return out
+    return {"label": "tiny diffusers pipeline (UNet 32/64 ch, VAE 16/32 ch, 2-layer CLIP text, 16 px), CPU, "
+                     f"{threads} thread(s); not SD-Turbo", **measure("tiny", "cpu", steps=10)}
 
 
 def main() -> None:

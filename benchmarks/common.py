@@ -66,8 +66,10 @@ def decode_eval_set(eval_dir: Path, preprocess, limit: int | None = None, batch_
 
 @torch.no_grad()
 def predictions(model, batches) -> torch.Tensor:
-    """argmax of ``model`` over every image of ``batches`` (pairs of images and labels)."""
-    return torch.cat([model(x).argmax(-1) for x, _ in batches])
+    """argmax of ``model`` over every image of ``batches`` (pairs of images and labels), on the CPU; the
+    images go to the device the model's parameters are on."""
+    device = next(model.parameters()).device
+    return torch.cat([model(x.to(device)).argmax(-1).cpu() for x, _ in batches])
 
 
 def top1(model, batches, preds: torch.Tensor | None = None) -> float:

@@ -15,6 +15,7 @@ results/joint_throughput-<device>.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 
@@ -64,7 +65,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         with fused_fake_quant(fused):
             for label, its in (("warmup", args.warmup), ("all", steps)):
-                gm = vitqc.compile(model, pipeline(its), calib, quiet=True, device=args.device)
+                gm = vitqc.compile(copy.deepcopy(model), pipeline(its), calib, quiet=True, device=args.device)
                 timings[label] = gm.meta["vitqc"]["record"]["joint_optimize"]["seconds"]
         if args.device.startswith("cuda"):
             peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA max allocated)"
@@ -73,7 +74,7 @@ def main() -> None:
         return (timings["all"] - timings["warmup"]) / args.steps, peak
 
     # the student before joint_optimize, for counting what its autograd graph keeps (one compile serves both paths)
-    student = vitqc.compile(model, Pipeline.from_list(pipeline(1).steps[:-1]), calib, quiet=True)
+    student = vitqc.compile(copy.deepcopy(model), Pipeline.from_list(pipeline(1).steps[:-1]), calib, quiet=True)
 
     def saved_for_backward_gib(fused: bool) -> float:
         """What the student's autograd graph keeps from forward to backward for one batch (device-independent)."""

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The GPU measurements, in one run on a machine with an NVIDIA GPU and PyTorch but no network:
+#
+#   benchmarks/gpu_session.sh prepare     # here, beside ../shared: fills .gpu/ (reference model, CIFAR-10) and .whl/
+#   benchmarks/gpu_session.sh run         # there, from the repository root; logs and results go to $OUT
+#
+# `prepare` copies what the benchmarks read from ../shared into .gpu/shared (the vits14 weights as float16, to
+# travel in half the bytes; the FP top-1 is re-measured there) and downloads the wheels the GPU image lacks
+# (diffusers, timm as pinned here). `run` times one joint-optimization step (issue 3), the packed backend
+# against bf16 eager (issue 5) and learned-prompt throughput at SD-Turbo's size (issue 4), then spends what is
+# left of its time budget (BUDGET_S, default 560 s) on joint-w1.58a8 and joint-w3a3 for vits14_cifar10 at batch
+# 32, two processes side by side, with as many iterations as the measured step rate allows (at most 4000, the
+# shipped default).
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+if [ "${1:-}" = prepare ]; then
+  set -e
+  SHARED=${VITQC_SHARED:-../shared}
+  CACHE=${VITQC_ASSET_CACHE:-$HOME/.cache/vitqc-assets}
+  rm -rf .gpu && mkdir -p .gpu/shared/tools .gpu/shared/assets/models .gpu/shared/assets/data/cifar10 .gpu/cache
+  cp "$SHARED/tools/zoo.py" .gpu/shared/tools/
+  cp "$SHARED/assets/models/vits14_cifar10.json" .gpu/shared/assets/models/
+  cp -r "$SHARED/assets/data/cifar10/calib" "$SHARED/assets/data/cifar10/test" .gpu/shared/assets/data/cifar10/
+  python - "$CACHE/vits14_cifar10.safetensors" .gpu/cache/vits14_cifar10.safetensors <<'EOF'
+import sys
+from safetensors.torch import load_file, save_file
+save_file({k: v.half().contiguous() for k, v in load_file(sys.argv[1]).items()}, sys.argv[2])
+EOF
+  rm -rf .whl && python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata timm==1.0.31
+  du -sh .gpu .whl
+  exit 0
+fi
+
+OUT=${OUT:-/tmp/vitqc-gpu-out}
+BUDGET_S=${BUDGET_S:-560}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT:${PYTHONPATH:-}"
+export VITQC_SHARED=$ROOT/.gpu/shared VITQC_ASSET_CACHE=$ROOT/.gpu/cache
+start=$(date +%s)
+elapsed() { echo $(( $(date +%s) - start )); }
+step() {  # step NAME LIMIT_S COMMAND...: run in benchmarks/, log to $OUT/NAME.log, print its tail
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (t=$(elapsed)s, limit ${limit}s): $*"
+  (cd benchmarks && timeout "$limit" "$@" > "$OUT/$name.log" 2>&1)
+  echo "=== $name rc=$? (t=$(elapsed)s)"
+  tail -n 30 "$OUT/$name.log"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+python3 -c "import torch, timm, vitqc; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
+
+step throughput_vit_small 150 python3 joint_throughput.py --model vit_small_patch16_224 --batch 32 --steps 20 --repeats 2 --device cuda
+step throughput_vits14 90 python3 joint_throughput.py --model vit_small_patch14_dinov2 --img-size 112 --batch 32 --steps 20 --repeats 1 --device cuda
+step packed_latency 130 python3 backend_latency.py --device cuda --models vit_small_patch16_224,vits14_cifar10 --batches 1,8 \
+  --schemes w8a8,w4a8 --runs 30 --no-fakequant --threads 8 --tag cuda
+step prompt_throughput 80 python3 prompt_throughput.py --arch sd-turbo --device cuda --steps 5
+
+# joint accuracy: iterations from the measured vits14 step rate, two processes sharing the GPU (about 0.6 of
+# the rate each, a guess that the first run here will correct), in the time left
+left=$(( BUDGET_S - $(elapsed) - 70 ))
+iters=$(python3 - "$left" <<'EOF'
+import json, sys
+left = int(sys.argv[1])
+try:
+    rows = json.load(open("benchmarks/results/joint_throughput-cuda.json"))["rows"]
+    rate = [r for r in rows if r["model"] == "vit_small_patch14_dinov2" and r["batch"] == 32][-1]["it_per_s"]
+except Exception:
+    rate = 8.0
+print(max(100, min(4000, int(0.6 * rate * left) // 100 * 100)))
+EOF
+)
+echo "=== joint accuracy: $iters iterations x 32 (t=$(elapsed)s, ${left}s left for training)"
+limit=$(( BUDGET_S - $(elapsed) ))
+for scheme in w1.58a8 w3a3; do
+  (cd benchmarks && timeout "$limit" python3 accuracy_joint.py table --models vits14_cifar10 --schemes "$scheme" \
+     --families joint --iterations "$iters" --batch-size 32 --device cuda \
+     --result "accuracy_joint_vits14_cuda_${scheme}_${iters}" > "$OUT/accuracy_$scheme.log" 2>&1) &
+done
+wait
+echo "=== joint accuracy done (t=$(elapsed)s)"
+for scheme in w1.58a8 w3a3; do tail -n 12 "$OUT/accuracy_$scheme.log"; done
+tar czf "$OUT/results.tgz" benchmarks/results
+echo "=== end (t=$(elapsed)s)"
