@@ -54,7 +54,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run in benchmarks/, log to $OUT/NAME.l
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-python3 -c "import torch, timm, vitqc; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
+python3 -c "import torch, timm, vitqc; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())" || exit 1
 
 step throughput_vit_small 150 python3 joint_throughput.py --model vit_small_patch16_224 --batch 32 --steps 20 --repeats 2 --device cuda
 step throughput_vits14 90 python3 joint_throughput.py --model vit_small_patch14_dinov2 --img-size 112 --batch 32 --steps 20 --repeats 1 --device cuda
