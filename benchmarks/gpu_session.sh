@@ -19,10 +19,11 @@ if [ "${1:-}" = prepare ]; then
   set -e
   SHARED=${VITQC_SHARED:-../shared}
   CACHE=${VITQC_ASSET_CACHE:-$HOME/.cache/vitqc-assets}
-  rm -rf .gpu && mkdir -p .gpu/shared/tools .gpu/shared/assets/models .gpu/shared/assets/data/cifar10 .gpu/cache
+  rm -rf .gpu && mkdir -p .gpu/shared/tools .gpu/shared/assets/models .gpu/cache
   cp "$SHARED/tools/zoo.py" .gpu/shared/tools/
   cp "$SHARED/assets/models/vits14_cifar10.json" .gpu/shared/assets/models/
-  cp -r "$SHARED/assets/data/cifar10/calib" "$SHARED/assets/data/cifar10/test" .gpu/shared/assets/data/cifar10/
+  # the 11,000 small JPEGs travel as one file (unpacked by `run`)
+  tar czf .gpu/cifar10.tgz -C "$SHARED/assets/data" cifar10/calib cifar10/test
   python - "$CACHE/vits14_cifar10.safetensors" .gpu/cache/vits14_cifar10.safetensors <<'EOF'
 import sys
 from safetensors.torch import load_file, save_file
@@ -30,7 +31,7 @@ save_file({k: v.half().contiguous() for k, v in load_file(sys.argv[1]).items()},
 EOF
   rm -rf .whl && python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata timm==1.0.31
-  du -sh .gpu .whl
+  du -sb .gpu .whl
   exit 0
 fi
 
@@ -43,6 +44,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT:${PYTHONPATH:-}"
 export VITQC_SHARED=$ROOT/.gpu/shared VITQC_ASSET_CACHE=$ROOT/.gpu/cache
+mkdir -p .gpu/shared/assets/data && tar xzf .gpu/cifar10.tgz -C .gpu/shared/assets/data
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 step() {  # step NAME LIMIT_S COMMAND...: run in benchmarks/, log to $OUT/NAME.log, print its tail
