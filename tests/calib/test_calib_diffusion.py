@@ -42,6 +42,23 @@ def test_one_step_sampler_matches_diffusers_scheduler(tiny_sampler, tiny_sd_dir,
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_vae_decodes_in_chunks_below_the_32_bit_element_limit(tiny_sampler, monkeypatch):
+    """A large batch is decoded in chunks (32-bit kernel indexing); the images are those of one big call."""
+    import vitqc.calib.diffusion as diffusion
+
+    s = tiny_sampler
+    embeds, noise = s.encode_prompts(["a photo of a cat"] * 3), s.noise([5, 6, 7])
+    calls = []
+    decode = s.vae.decode
+    monkeypatch.setattr(s.vae, "decode", lambda z: calls.append(len(z)) or decode(z))
+    with torch.no_grad():
+        whole = s(embeds, noise)
+        monkeypatch.setattr(diffusion, "DECODE_ELEMENTS_LIMIT", max(s.vae.config.block_out_channels) * s.resolution ** 2)
+        chunked = s(embeds, noise)
+    assert calls == [3, 1, 1, 1]
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+
 def test_gradients_reach_the_prompt_embeddings(tiny_sampler):
     s = tiny_sampler
     embeds = s.encode_prompts(["a photo of a cat", "a photo of a dog"]).requires_grad_(True)

@@ -53,6 +53,9 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
+DECODE_ELEMENTS_LIMIT = 2 ** 31 - 1  # the largest decoder activation one VAE call may make (32-bit indexing)
+
+
 class OneStepSampler(nn.Module):
     """SD-Turbo's one-step text-to-image map, differentiable in the prompt embeddings."""
 
@@ -128,7 +131,10 @@ class OneStepSampler(nn.Module):
             x0 = out
         cfg = self.vae.config
         z = x0 / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-        image = self.vae.decode(z.to(dtype)).sample.float()
+        # in chunks: CUDA kernels index with 32-bit ints, and at 512 px a batch of 32 makes decoder activations
+        # of 2^31 elements and more (upsample_nearest's backward refuses them; seen on an H200)
+        chunk = max(1, DECODE_ELEMENTS_LIMIT // (max(cfg.block_out_channels) * self.resolution ** 2))
+        image = torch.cat([self.vae.decode(part).sample.float() for part in z.to(dtype).split(chunk)])
         return (image / 2 + 0.5).clamp(0, 1)
 
 

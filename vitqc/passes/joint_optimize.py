@@ -41,6 +41,7 @@ from vitqc.quant.modules import QUANT_LAYERS, ChannelFactors
 from vitqc.scopes import block_scopes, node_scopes, with_scope_outputs
 
 CHECKPOINT_NAME = "joint_optimize.ckpt"
+WARMUP_STEPS = 3  # steps timed apart in the record (they carry torch.compile's compile)
 
 
 @graph_property("optimized")
@@ -69,6 +70,10 @@ class JointOptimizeOptions:
     checkpoint_every: int = 200
     amp: bool = True  # bf16 autocast on CUDA
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
+    # torch.compile (inductor) the teacher and student forwards (and so the student's backward): eager, one
+    # step launches ~28k small ops (vits14 W4A4), which bounds a GPU step by launch overhead, not arithmetic.
+    # The first steps pay the compile (about a minute).
+    compile: bool = False
 
 
 # ------------------------------------------------------------------------------------------- memory
@@ -174,6 +179,9 @@ class JointOptimize(VitqcPass):
             student = checkpointed_blocks(student, block_scopes(ctx.reference, o.features))
         for p in teacher.parameters():
             p.requires_grad_(False)
+        run_teacher, run_student = teacher, student
+        if o.compile:
+            run_teacher, run_student = torch.compile(teacher, dynamic=False), torch.compile(student, dynamic=False)
         groups = trainable_groups(gm, o)
         trainable = {id(p) for g in groups for p in g["params"]}
         for p in gm.parameters():
@@ -187,7 +195,7 @@ class JointOptimize(VitqcPass):
         state = _RunState.start(groups, o, ctx.seed)
         if ctx.resume and ckpt is not None and ckpt.exists():
             state.load(ckpt, gm, o)
-        started, first_loss, last = time.perf_counter(), None, {}
+        started, first_loss, last, warmup_seconds = time.perf_counter(), None, {}, None
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=o.amp and device.type == "cuda")
         student.train()
         with progress_bar(self.name, total=o.iterations, unit="it", completed=state.step, quiet=ctx.quiet) as bar:
@@ -199,9 +207,9 @@ class JointOptimize(VitqcPass):
                 if o.augment:
                     x = augment(x, state.gen)
                 with torch.no_grad(), amp:
-                    t_out, *t_feats = teacher(x)
+                    t_out, *t_feats = run_teacher(x)
                 with amp:
-                    s_out, *s_feats = student(x)
+                    s_out, *s_feats = run_student(x)
                     loss, parts = self._loss(t_out, s_out, t_feats, s_feats, scopes, stage_scope, gm, refine_weight)
                 if not torch.isfinite(loss):
                     where = f"; the last good checkpoint is kept at {ckpt}" if ckpt else ""
@@ -216,6 +224,8 @@ class JointOptimize(VitqcPass):
                 state.optimizer.step()
                 state.scheduler.step()
                 state.step += 1
+                if state.step == min(WARMUP_STEPS, o.iterations):
+                    warmup_seconds = time.perf_counter() - started
                 first_loss = first_loss if first_loss is not None else float(loss.detach())
                 last = {k: float(v.detach()) for k, v in parts.items()}
                 bar.advance(1)
@@ -228,7 +238,9 @@ class JointOptimize(VitqcPass):
         ctx.record[self.name] = {"iterations": o.iterations, "batch_size": o.batch_size, "mode": o.mode,
                                  "feature_scopes": scopes, "trainable_tensors": len(groups),
                                  "first_loss": first_loss, "final": last, "seconds": round(seconds, 2),
-                                 "resumed_from": state.resumed_from, "device": str(device)}
+                                 "resumed_from": state.resumed_from, "device": str(device),
+                                 # the first steps (torch.compile, allocator and kernel warm-up) on their own
+                                 "warmup_steps": WARMUP_STEPS, "warmup_seconds": warmup_seconds and round(warmup_seconds, 3)}
         return PassResult(gm, True)
 
     def _stages(self, groups: list[dict], scopes: list[str]) -> list[tuple[set[int], str | None]]:
