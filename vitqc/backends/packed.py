@@ -34,7 +34,10 @@ Speed: the eager program runs every quantize/dequantize as separate elementwise 
 
 CUDA: lower a materialized graph that is on the GPU, with an example input there (``torch.export`` records
 the device's kernels); the int8 GEMMs are then ``torch._int_mm`` with the operands zero-padded to the shapes
-CUDA's kernel takes (``padded_int_mm``).
+CUDA's kernel takes (``padded_int_mm``). Measured on an H200 (benchmarks/backend_latency.py --device cuda): the
+eager packed program is 4x slower than bf16 eager (0.22-0.24x, ViT-S and vits14, batch 1 and 8): every
+quantize / unpack / dequantize is a kernel launch of its own, and at these sizes launches, not GEMMs, set the
+time. Fusing them (Triton, or torch.compile) is not done.
 
 Not done: no Triton kernels, no int8 kernel for
 the attention matmuls (fp32 GEMM of integer codes, see above), per-channel activation quantizers and
