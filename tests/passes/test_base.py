@@ -1,5 +1,6 @@
 """The pass API: registration, typed options, requires/ensures, the manager's summary and dumps."""
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pytest
 import torch
@@ -77,6 +78,34 @@ def test_options_are_coerced_from_strings_and_validated():
         build_options(ScaleOptions, {"factor": "big"}, "p")
     with pytest.raises(VitqcError, match="p.flag must be true or false"):
         build_options(ScaleOptions, {"flag": "maybe"}, "p")
+
+
+@dataclass
+class LimitedOptions:
+    batch_size: int = 32
+    temperature: float = 1.0
+    alpha: float = 0.5
+    limits: ClassVar[dict[str, str]] = {"batch_size": ">= 1", "temperature": "> 0", "alpha": "0 to 1"}
+
+
+def test_option_limits_are_checked_with_a_one_line_error():
+    assert build_options(LimitedOptions, {"batch_size": "1", "temperature": "0.01", "alpha": "1"}, "p") == \
+        LimitedOptions(batch_size=1, temperature=0.01, alpha=1.0)
+    with pytest.raises(VitqcError, match=r"^p.batch_size must be >= 1, not 0$"):
+        build_options(LimitedOptions, {"batch_size": 0}, "p")
+    with pytest.raises(VitqcError, match=r"^p.temperature must be > 0, not 0.0$"):
+        build_options(LimitedOptions, {"temperature": "0"}, "p")
+    with pytest.raises(VitqcError, match=r"^p.alpha must be between 0 and 1, not 1.5$"):
+        build_options(LimitedOptions, {"alpha": 1.5}, "p")
+
+
+@pytest.mark.parametrize("option, value", [("joint_optimize.batch_size", "0"), ("joint_optimize.iterations", "-1"),
+                                           ("channel_rescale.alpha", "2"), ("calibrate.percentile", "0"),
+                                           ("weight_refine.regularization", "-1")])
+def test_builtin_passes_refuse_out_of_range_options(option, value):
+    name, key = option.split(".")
+    with pytest.raises(VitqcError, match=rf"^{option} must be"):
+        get_pass(name)(**{key: value})
 
 
 def test_requires_fails_with_the_pass_that_provides_it_and_ensures_holds():

@@ -6,7 +6,7 @@ from torch import fx
 
 from tests.conftest import tiny_vit
 from vitqc.capture import capture
-from vitqc.errors import PassCheckFailed
+from vitqc.errors import PassCheckFailed, VitqcError
 from vitqc.passes.base import CompileContext, get_pass
 from vitqc.passes.insert_quantizers import quantizers
 from vitqc.quant.modules import QuantConv2d, QuantLinear
@@ -54,6 +54,17 @@ def test_keep_and_skip_and_bits():
     assert mods["blocks.0.mlp.fc1"].weight_quantizer.bits == 4
     assert type(mods["patch_embed.proj"]) is torch.nn.Conv2d
     assert mods["blocks.0.attn.qkv"].weight_quantizer.granularity == "channel"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"weight_bits": 5.5}, r"^insert_quantizers.weight_bits must be one of 1.58, 2, 3, .* not 5.5$"),
+    ({"keep": {"head": 9}}, r"^insert_quantizers.keep.head must be one of"),
+    ({"act_bits": 1.58}, r"ternary .* activations are symmetric only: set insert_quantizers.act_symmetric=true$"),
+])
+def test_bit_widths_it_cannot_quantize_to_are_refused_in_one_line(options, message):
+    with pytest.raises(VitqcError, match=message):
+        get_pass("insert_quantizers")(options)
+    get_pass("insert_quantizers")(act_bits=1.58, act_symmetric=True)  # symmetric ternary activations are fine
 
 
 def test_requires_canonical_graph():

@@ -31,6 +31,7 @@ from torch import nn
 
 from vitqc.data import Preprocess
 from vitqc.errors import VitqcError
+from vitqc.options import check_limits
 
 __all__ = ["Source", "SOURCES", "get_source", "make_source", "plan_items", "generate", "calibration_batches",
            "item_seed", "default_device"]
@@ -121,7 +122,9 @@ class Source:
         if unknown:
             raise VitqcError(f"--calib {cls.name} has no option {unknown[0]!r}: its options are "
                              f"{', '.join(sorted(fields))}")
-        return cls.Options(**{k: _coerce(fields[k], v, cls.name) for k, v in options.items()})
+        values = {k: _coerce(fields[k], v, cls.name) for k, v in options.items()}
+        check_limits(cls.Options, values, lambda k: f"--calib {cls.name} option {k}")
+        return cls.Options(**values)
 
     @property
     def batch_size(self) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,10 @@ class InversionOptions:
     coarse: int = 4  # > 1: the first coarse_fraction of the steps optimize images at 1/coarse resolution
     # (capped at half the patch size: see coarse_factor)
     coarse_fraction: float = 0.5
+    limits: ClassVar[dict[str, str]] = {
+        "steps": ">= 0", "lr": ">= 0", "batch_size": ">= 1", "w_ce": ">= 0", "w_patch": ">= 0", "w_tv": ">= 0",
+        "w_l2": ">= 0", "temperature": "> 0", "patches_per_image": ">= 1", "crop_scale": "0.05 to 1", "jitter": "0 to 1",
+        "init_std": ">= 0", "coarse": ">= 1", "coarse_fraction": "0 to 1"}
 
 
 def patch_contrastive_loss(patches: torch.Tensor, temperature: float = 0.2, per_image: int = 16,

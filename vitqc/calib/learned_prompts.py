@@ -26,7 +26,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,9 @@ class LearnedPromptOptions:
     resolution: int | None = None  # diffusion output size (default: the UNet's, 512 for SD-Turbo)
     checkpointing: bool | None = None  # gradient checkpointing while learning (default: on a GPU)
     embeddings: str | None = None  # safetensors file to reuse / write
+    limits: ClassVar[dict[str, str]] = {"modes": ">= 1", "steps": ">= 0", "lr": ">= 0", "classes_per_step": ">= 1",
+                                        "w_ce": ">= 0", "w_emb": ">= 0", "w_feat": ">= 0", "init_noise": ">= 0",
+                                        "batch_size": ">= 1", "resolution": ">= 8"}
 
 
 def _offdiag_cos(x: torch.Tensor, anchor: torch.Tensor | None = None) -> torch.Tensor:

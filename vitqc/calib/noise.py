@@ -7,6 +7,7 @@ when the normalisation is the identity (mean 0, std 1: no information about the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -21,6 +22,7 @@ class NoiseOptions:
     mean: tuple[float, ...] | None = None  # per-channel pixel mean in [0, 1] (default: see module doc)
     std: tuple[float, ...] | None = None
     batch_size: int = 64
+    limits: ClassVar[dict[str, str]] = {"batch_size": ">= 1"}
 
 
 def noise_stats(preprocess, mean=None, std=None) -> tuple[tuple[float, ...], tuple[float, ...]]:

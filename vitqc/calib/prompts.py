@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -49,6 +50,7 @@ def item_prompt(name: str, seed: int, label: int, index: int) -> str:
 class PromptOptions:
     batch_size: int = 8
     resolution: int | None = None  # diffusion output size (default: the UNet's, 512 for SD-Turbo)
+    limits: ClassVar[dict[str, str]] = {"batch_size": ">= 1", "resolution": ">= 8"}
 
 
 class PromptSource(DiffusionSource, Source):

@@ -24,6 +24,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from vitqc.errors import PassCheckFailed, VitqcError
+from vitqc.options import check_limits
 
 __all__ = [
     "PassResult", "VitqcPass", "CompileContext", "register_pass", "get_pass", "registered_passes",
@@ -182,6 +183,7 @@ def build_options(options_cls: type, values: dict[str, Any], pass_name: str) -> 
         raise VitqcError(f"unknown option {unknown[0]!r} for pass {pass_name!r} (valid options: {valid})")
     hints = typing.get_type_hints(options_cls)
     coerced = {k: coerce_value(v, hints[k], f"{pass_name}.{k}") for k, v in values.items()}
+    check_limits(options_cls, coerced, lambda k: f"{pass_name}.{k}")
     return options_cls(**coerced)
 
 

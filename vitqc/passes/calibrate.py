@@ -7,7 +7,7 @@ the statistics of the model it approximates) and are then set by ``method``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import fx
@@ -32,6 +32,7 @@ class CalibrateOptions:
     percentile: float = 99.99
     batch_size: int = 32
     max_images: int = 0  # 0: every calibration image
+    limits: ClassVar[dict[str, str]] = {"percentile": "50 to 100", "batch_size": ">= 1", "max_images": ">= 0"}
 
 
 @register_pass

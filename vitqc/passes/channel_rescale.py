@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,7 @@ class ChannelRescaleOptions:
     attention_values: bool = True
     calib_images: int = 64
     tolerance: float = 1e-4  # relative max error accepted when verifying a fold with random factors
+    limits: ClassVar[dict[str, str]] = {"alpha": "0 to 1", "calib_images": ">= 1", "tolerance": "> 0"}
 
 
 @dataclass

@@ -21,10 +21,11 @@ from typing import Iterable, Iterator, Literal
 from torch import fx, nn
 
 from vitqc.capture import owner_of
+from vitqc.errors import VitqcError
 from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_property, register_pass
 from vitqc.passes.properties import MATMUL_FUNCTIONS, SOFTMAX_FUNCTIONS
 from vitqc.quant.modules import INT_LAYERS, QUANT_LAYERS, QuantConv2d, QuantLinear
-from vitqc.quant.quantizer import UniformQuantizer
+from vitqc.quant.quantizer import TERNARY_BITS, VALID_BITS, UniformQuantizer
 
 
 def quantizers(gm: nn.Module) -> dict[str, UniformQuantizer]:
@@ -86,6 +87,17 @@ class InsertQuantizersOptions:
     softmax: bool = True
     keep: dict[str, float] = field(default_factory=dict)  # path/glob -> bits for weights and activations
     skip: list[str] = field(default_factory=list)  # path/glob left in floating point
+
+    def __post_init__(self) -> None:
+        named = {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "softmax_bits": self.softmax_bits,
+                 **{f"keep.{k}": v for k, v in self.keep.items()}}
+        for key, bits in named.items():
+            if bits is not None and float(bits) not in VALID_BITS:
+                raise VitqcError(f"insert_quantizers.{key} must be one of {', '.join(map(str, VALID_BITS))} "
+                                 f"(1.58 = ternary), not {bits}")
+        if not self.act_symmetric and TERNARY_BITS in (self.act_bits, self.softmax_bits, *self.keep.values()):
+            raise VitqcError("insert_quantizers: ternary (1.58-bit) activations are symmetric only: "
+                             "set insert_quantizers.act_symmetric=true")
 
 
 @register_pass

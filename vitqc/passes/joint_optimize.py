@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,10 @@ class JointOptimizeOptions:
     # The first steps pay the compile. Measured: 1.6x the steps/s on a 2-core CPU (vits14 shape, batch 2); on
     # a GPU not yet (eager: 5.4 it/s for ViT-S at batch 32 on an H200, the same at 112 px as at 224: launch-bound).
     compile: bool = False
+    limits: ClassVar[dict[str, str]] = {
+        "iterations": ">= 0", "batch_size": ">= 1", "lr_quant": ">= 0", "lr_zero_point": ">= 0", "lr_rescale": ">= 0",
+        "lr_refine": ">= 0", "kl_weight": ">= 0", "feature_weight": ">= 0", "temperature": "> 0",
+        "checkpoint_every": ">= 1"}
 
 
 # ------------------------------------------------------------------------------------------- memory

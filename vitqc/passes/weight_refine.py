@@ -11,6 +11,7 @@ from the same refined weight). ``regularization`` (applied by joint_optimize) ke
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import fx, nn
@@ -29,6 +30,7 @@ def has_refinement(gm: fx.GraphModule) -> bool:
 @dataclass
 class WeightRefineOptions:
     regularization: float = 1e-4  # weight of mean(delta^2) in joint_optimize's loss
+    limits: ClassVar[dict[str, str]] = {"regularization": ">= 0"}
 
 
 @register_pass
