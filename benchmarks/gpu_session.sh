@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # The GPU measurements, in one run on a machine with an NVIDIA GPU and PyTorch but no network:
 #
-#   benchmarks/gpu_session.sh prepare     # here, beside ../shared: fills .gpu/ (reference model, CIFAR-10) and .whl/
-#   benchmarks/gpu_session.sh run         # there, from the repository root; logs and results go to $OUT
+#   benchmarks/gpu_session.sh prepare          # here, beside ../shared: fills .gpu/ (reference model, CIFAR-10) and .whl/
+#   benchmarks/gpu_session.sh run [STEP ...]   # there, from the repository root; logs and results go to $OUT
 #
 # `prepare` copies what the benchmarks read from ../shared into .gpu/shared (the vits14 weights as float16, to
 # travel in half the bytes; the FP top-1 is re-measured there) and downloads the wheels the GPU image lacks
-# (diffusers, timm as pinned here). `run` times one joint-optimization step (issue 3), the packed backend
-# against bf16 eager (issue 5) and learned-prompt throughput at SD-Turbo's size (issue 4), then spends what is
-# left of its time budget (BUDGET_S, default 560 s) on joint-w1.58a8 and joint-w3a3 for vits14_cifar10 at batch
-# 32, two processes side by side, with as many iterations as the measured step rate allows (at most 4000, the
-# shipped default).
+# (diffusers, timm as pinned here). `run` takes steps by name, in the order given; by default the ones with no
+# GPU figure yet, most wanted first (device time is short: 15 minutes a session):
+#
+#   compile_throughput  joint step with joint_optimize.compile vs fused eager (issue 3's 13.4 it/s goal)
+#   packed_compiled     packed backend + torch.compile vs bf16, and packed vs artifact agreement on CUDA (issue 5)
+#   accuracy            joint-w1.58a8 and joint-w3a3 on vits14_cifar10 at batch 32 in what is left of BUDGET_S
+#                       (default 560 s), two processes side by side, iterations from the measured step rate
+#
+# and, measured on the first run (H200, 2026-12-04; README), only when named: throughput (eager, plain vs fused),
+# packed (eager packed vs bf16), prompts (learned prompts at SD-Turbo's size).
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -58,16 +63,11 @@ step() {  # step NAME LIMIT_S COMMAND...: run in benchmarks/, log to $OUT/NAME.l
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import torch, timm, vitqc; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())" || exit 1
 
-step throughput_vit_small 150 python3 joint_throughput.py --model vit_small_patch16_224 --batch 32 --steps 20 --repeats 2 --device cuda
-step throughput_vits14 90 python3 joint_throughput.py --model vit_small_patch14_dinov2 --img-size 112 --batch 32 --steps 20 --repeats 1 --device cuda
-step packed_latency 130 python3 backend_latency.py --device cuda --models vit_small_patch16_224,vits14_cifar10 --batches 1,8 \
-  --schemes w8a8,w4a8 --runs 30 --no-fakequant --threads 8 --tag cuda
-step prompt_throughput 80 python3 prompt_throughput.py --arch sd-turbo --device cuda --steps 5
-
-# joint accuracy: iterations from the measured vits14 step rate, two processes sharing the GPU (about 0.6 of
-# the rate each, a guess that the first run here will correct), in the time left
-left=$(( BUDGET_S - $(elapsed) - 70 ))
-iters=$(python3 - "$left" <<'EOF'
+run_accuracy() {
+  # joint accuracy: iterations from the measured vits14 step rate, two processes sharing the GPU (about 0.6 of
+  # the rate each, a guess that the first run here will correct), in the time left
+  left=$(( BUDGET_S - $(elapsed) - 70 ))
+  iters=$(python3 -c '
 import json, sys
 left = int(sys.argv[1])
 try:
@@ -76,19 +76,44 @@ try:
 except Exception:
     rate = 8.0
 print(max(100, min(4000, int(0.6 * rate * left) // 100 * 100)))
-EOF
-)
-echo "=== joint accuracy: $iters iterations x 32 (t=$(elapsed)s, ${left}s left for training)"
-limit=$(( BUDGET_S - $(elapsed) ))
-# First run (H200, 2026-12-04): the two processes, 16 threads each, decoded the calibration set at 20
-# images/s and had not finished in the 340 s left; hence 4 threads each (unmeasured since).
-for scheme in w1.58a8 w3a3; do
-  (cd benchmarks && OMP_NUM_THREADS=4 timeout "$limit" python3 accuracy_joint.py table --models vits14_cifar10 --schemes "$scheme" \
-     --families joint --iterations "$iters" --batch-size 32 --device cuda \
-     --result "accuracy_joint_vits14_cuda_${scheme}_${iters}" > "$OUT/accuracy_$scheme.log" 2>&1) &
+' "$left")
+  echo "=== joint accuracy: $iters iterations x 32 (t=$(elapsed)s, ${left}s left for training)"
+  limit=$(( BUDGET_S - $(elapsed) ))
+  # First run (H200, 2026-12-04): the two processes, 16 threads each, decoded the calibration set at 20
+  # images/s and had not finished in the 340 s left; hence 4 threads each (unmeasured since).
+  for scheme in w1.58a8 w3a3; do
+    (cd benchmarks && OMP_NUM_THREADS=4 timeout "$limit" python3 accuracy_joint.py table --models vits14_cifar10 --schemes "$scheme" \
+       --families joint --iterations "$iters" --batch-size 32 --device cuda \
+       --result "accuracy_joint_vits14_cuda_${scheme}_${iters}" > "$OUT/accuracy_$scheme.log" 2>&1) &
+  done
+  wait
+  echo "=== joint accuracy done (t=$(elapsed)s)"
+  for scheme in w1.58a8 w3a3; do tail -n 12 "$OUT/accuracy_$scheme.log"; done
+}
+
+steps=${*:2}
+steps=${steps:-compile_throughput packed_compiled accuracy}
+for name in $steps; do
+  case $name in
+    compile_throughput)  # the first try (140 s) printed nothing: the compile of ViT-S needs longer
+      step compile_throughput 300 python3 joint_throughput.py --model vit_small_patch16_224 --batch 32 --steps 20 \
+        --repeats 1 --device cuda --compile ;;
+    packed_compiled)
+      step packed_compiled 200 python3 backend_latency.py --device cuda --models vits14_cifar10,vit_small_patch16_224 \
+        --batches 1,8 --schemes w8a8,w4a8 --runs 30 --no-fakequant --threads 8 --compile --agreement 500 --tag cuda-compiled ;;
+    throughput)
+      step throughput_vit_small 150 python3 joint_throughput.py --model vit_small_patch16_224 --batch 32 --steps 20 --repeats 2 --device cuda
+      step throughput_vits14 90 python3 joint_throughput.py --model vit_small_patch14_dinov2 --img-size 112 --batch 32 --steps 20 --repeats 1 --device cuda ;;
+    packed)
+      step packed_latency 130 python3 backend_latency.py --device cuda --models vit_small_patch16_224,vits14_cifar10 --batches 1,8 \
+        --schemes w8a8,w4a8 --runs 30 --no-fakequant --threads 8 --tag cuda ;;
+    prompts)
+      step prompt_throughput 80 python3 prompt_throughput.py --arch sd-turbo --device cuda --steps 5 ;;
+    accuracy) run_accuracy ;;
+    *) echo "gpu_session.sh: unknown step $name (steps: compile_throughput packed_compiled accuracy throughput packed prompts)"; exit 2 ;;
+  esac
 done
-wait
-echo "=== joint accuracy done (t=$(elapsed)s)"
-for scheme in w1.58a8 w3a3; do tail -n 12 "$OUT/accuracy_$scheme.log"; done
 tar czf "$OUT/results.tgz" benchmarks/results
 echo "=== end (t=$(elapsed)s)"
+exit 0
+
