@@ -2,7 +2,7 @@
 
     python benchmarks/joint_throughput.py [--model vit_small_patch16_224] [--img-size N] [--batch 32] [--steps 10]
                                           [--device cuda] [--granularity token|tensor] [--repeats 3]
-                                          [--activation-checkpointing] [--compile]
+                                          [--activation-checkpointing] [--compile] [--count-ops]
 
 Random weights and random images (timing only). Activations are quantized per token by default, as the
 shipped joint-w4a4 recipe does. Each run times the step in the same process with the fused fake-quant
@@ -12,16 +12,22 @@ prints the median of each and their ratio. ``--compile`` compares fused eager wi
 (counted, so comparable anywhere), and the peak: CUDA max allocated per setting, on CPU the process's peak
 resident set size (one figure for the whole run: compare such settings in separate processes). Rows go to
 results/joint_throughput-<device>.json.
+
+``--count-ops`` times nothing: it counts the aten operations one step dispatches (the kernels a GPU would launch,
+and the view ops that launch none), plain and fused, on this machine at batch 2 (the count does not depend on
+the batch), as the difference between compiles of 4 and 2 iterations. Rows go to results/joint_ops.json.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
 import resource
 
 import timm
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vitqc
 from vitqc.passes.joint_optimize import WARMUP_STEPS
@@ -29,6 +35,36 @@ from vitqc.pipeline import Pipeline
 from vitqc.quant.fused import fused_fake_quant
 
 from common import RESULTS, machine, write_result
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched below autograd: views (no kernel) apart from the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels: collections.Counter = collections.Counter()
+        self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.is_view or func.overloadpacket.__name__ in ("detach", "alias"):
+            self.views += 1
+        else:
+            self.kernels[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(model, pipeline, calib) -> dict:
+    """aten ops of one joint step (teacher forward, student forward and backward, Adam): the difference between
+    whole compiles of 4 and 2 iterations, halved (everything else in them is the same)."""
+    counts = []
+    for n in (2, 4):
+        counter = OpCounter()
+        with counter:
+            vitqc.compile(copy.deepcopy(model), pipeline(n), calib, quiet=True)
+        counts.append(counter)
+    kernels = collections.Counter({k: (counts[1].kernels[k] - counts[0].kernels[k]) / 2 for k in counts[1].kernels})
+    return {"kernels": round(sum(kernels.values())), "views": round((counts[1].views - counts[0].views) / 2),
+            "top_kernels": {k: round(v) for k, v in kernels.most_common(8)}}
 
 
 def main() -> None:
@@ -44,6 +80,7 @@ def main() -> None:
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--compile", action="store_true", help="compare fused eager with fused + torch.compile "
                     "(joint_optimize.compile) instead of plain ops with fused")
+    ap.add_argument("--count-ops", action="store_true", help="count the aten ops of one step (plain and fused), no timing")
     args = ap.parse_args()
     torch.manual_seed(0)
     kwargs = {"img_size": args.img_size} if args.img_size else {}
@@ -60,6 +97,24 @@ def main() -> None:
             "channel_rescale", "weight_refine", ("calibrate", {"max_images": args.batch}),
             ("joint_optimize", {"iterations": iterations, "batch_size": args.batch, "checkpoint_every": 10**9,
                                 "activation_checkpointing": args.activation_checkpointing, "compile": compiled})])
+
+    if args.count_ops:
+        calib = [calib[0][:2]]
+        args.batch = 2
+        row = {"model": args.model, "img_size": size, "bits": args.bits, "granularity": args.granularity}
+        for fused in (False, True):
+            with fused_fake_quant(fused):
+                row["fused" if fused else "plain"] = ops_per_step(model, pipeline, calib)
+        rows = json.loads((RESULTS / "joint_ops.json").read_text())["rows"] if (RESULTS / "joint_ops.json").exists() else []
+        key = ("model", "img_size", "bits", "granularity")
+        rows = [r for r in rows if [r.get(k) for k in key] != [row[k] for k in key]]
+        write_result("joint_ops", {"rows": rows + [row]})
+        print("| model | fake-quant path | kernels per step | views per step | most frequent kernels |\n|---|---|---|---|---|")
+        for path in ("plain", "fused"):
+            c = row[path]
+            print(f"| {args.model} ({size} px, {args.bits}, {args.granularity}) | {path} | {c['kernels']} | {c['views']} | "
+                  + ", ".join(f"{k} {v}" for k, v in c["top_kernels"].items()) + " |")
+        return
 
     def seconds_per_step(mode: bool) -> tuple[float, str]:
         """mode: fused fake-quant (True) or plain ops (False); with --compile: torch.compile (True) or not,

@@ -71,7 +71,8 @@ class JointOptimizeOptions:
     amp: bool = True  # bf16 autocast on CUDA
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     # torch.compile (inductor) the teacher and student forwards (and so the student's backward): eager, one
-    # step launches ~28k small ops (vits14 W4A4), which bounds a GPU step by launch overhead, not arithmetic.
+    # step dispatches ~9.5k small kernels (vits14 W4A4; joint_throughput.py --count-ops), which bounds a GPU step
+    # by host and launch overhead, not arithmetic.
     # The first steps pay the compile. Measured: 1.6x the steps/s on a 2-core CPU (vits14 shape, batch 2); on
     # a GPU not yet (eager: 5.4 it/s for ViT-S at batch 32 on an H200, the same at 112 px as at 224: launch-bound).
     compile: bool = False
