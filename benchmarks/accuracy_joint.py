@@ -3,6 +3,7 @@
     python benchmarks/accuracy_joint.py table     [--models vit_tiny_cifar10,...] [--schemes w4a4,...]
                                                   [--families minmax,joint] [--iterations N] [--batch-size N]
                                                   [--limit N] [--result NAME] [--device cuda]
+                                                  [--set "feature_weight=32,channel_rescale.alpha=0"]
     python benchmarks/accuracy_joint.py ablations [--model vit_tiny_cifar10] [--scheme w4a4]
                                                   [--iterations N] [--limit N] [--result NAME]
     python benchmarks/accuracy_joint.py tune      [--model ...] [--scheme w4a4] --try "lr_refine=1e-2,lr_quant=3e-3"
@@ -10,7 +11,8 @@
 
 Full test sets by default; calibration images from ../shared (cifar10/calib, 1,000 images; MNIST: its own
 1,000-digit calib slice). `--iterations` overrides every joint pipeline's iteration count (default: the
-pipeline's own). Each finished cell is written to benchmarks/results/NAME.json at once and a rerun with the
+pipeline's own); `--set` changes options of the joint pipelines as `--try` does below (recorded in each
+cell). Each finished cell is written to benchmarks/results/NAME.json at once and a rerun with the
 same NAME skips the cells already there, so an interrupted run resumes where it stopped.
 
 Ablations (one model, one scheme, same iterations): joint (the pipeline as shipped) vs the same optimizer
@@ -88,8 +90,10 @@ def table(args) -> None:
         run_cell(cells, f"{name}/fp32", args.result, lambda: fp_result)
         for scheme in args.schemes.split(","):
             for family in args.families.split(","):
+                overrides = parse_try(args.set) if family == "joint" and args.set else {}
                 run_cell(cells, f"{name}/{family}-{scheme}", args.result,
-                         lambda: compiled_cell(module, f"{family}-{scheme}", calib, test, args.iterations))
+                         lambda: dict(compiled_cell(module, f"{family}-{scheme}", calib, test, args.iterations,
+                                                    **overrides), overrides=dict(overrides)))
     print_table(cells, args.models.split(","), args.schemes.split(","))
 
 
@@ -188,6 +192,7 @@ def main() -> None:
     t.add_argument("--models", default="vit_tiny_cifar10,vit_tiny_mnist,vits14_cifar10")
     t.add_argument("--schemes", default=",".join(SCHEMES))
     t.add_argument("--families", default="minmax,joint", help="which pipeline families to run (minmax, joint)")
+    t.add_argument("--set", default="", help="joint pipelines' options changed, as --try of tune")
     a = sub.add_parser("ablations")
     a.add_argument("--model", default="vit_tiny_cifar10")
     a.add_argument("--scheme", default="w4a4")
