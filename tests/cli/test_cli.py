@@ -44,6 +44,16 @@ def test_pipelines_and_passes_list_one_line_each(capsys):
     assert code == 0 and {"canonicalize", "insert_quantizers", "calibrate", "materialize"} <= set(names)
 
 
+def test_passes_name_describes_one_pass(capsys):
+    code, out, _ = run(["passes", "joint_optimize"], capsys)
+    assert code == 0
+    assert "vitqc/passes/joint_optimize.py" in out and "requires: calibrated; ensures: optimized" in out
+    row = next(line for line in out.splitlines() if "batch_size" in line)
+    assert "int" in row and "32" in row and ">= 1" in row
+    code, _, err = run(["passes", "joint_optimise"], capsys)
+    assert code == 2 and "unknown pass 'joint_optimise'" in err
+
+
 def test_compile_demo_then_eval_the_artifact(tmp_path, capsys, digits_folder):
     out_path = tmp_path / "demo.vitqc"
     code, out, err = run(["compile", "demo", "--pipeline", "minmax-w8a8", "--out", out_path,

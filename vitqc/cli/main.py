@@ -286,12 +286,33 @@ def pipelines() -> None:
 
 
 @app.command()
-def passes() -> None:
-    """List the registered passes."""
-    from vitqc.passes.base import registered_passes
+def passes(
+    name: Annotated[Optional[str], typer.Argument(help="a pass: show its file, requires/ensures and options")] = None,
+) -> None:
+    """List the registered passes, or describe one."""
+    import dataclasses
+    import inspect
 
-    for name, cls in registered_passes().items():
-        out.print(f"[bold]{name:<20}[/] {cls.summary}", highlight=False)
+    from vitqc.passes.base import get_pass, registered_passes
+
+    if name is None:
+        for pass_name, cls in registered_passes().items():
+            out.print(f"[bold]{pass_name:<20}[/] {cls.summary}", highlight=False)
+        return
+    cls = get_pass(name)
+    out.print(f"[bold]{cls.name}[/]: {cls.summary}", highlight=False)
+    out.print(f"defined in {inspect.getsourcefile(cls)} ({cls.__module__}.{cls.__qualname__})", highlight=False)
+    out.print(f"requires: {', '.join(cls.requires) or '-'}; ensures: {', '.join(cls.ensures) or '-'}", highlight=False)
+    fields = dataclasses.fields(cls.Options) if dataclasses.is_dataclass(cls.Options) else ()
+    if not fields:
+        out.print("options: none")
+        return
+    limits = getattr(cls.Options, "limits", {})
+    out.print(f"options (--set {cls.name}.OPTION=VALUE):", highlight=False)
+    for f in fields:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        allowed = f"  ({limits[f.name]})" if f.name in limits else ""
+        out.print(f"  {f.name}: {f.type} = {default!r}{allowed}", highlight=False, markup=False)
 
 
 from vitqc.cli import generate as _generate  # noqa: E402,F401  (registers vitqc generate)
