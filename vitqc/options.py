@@ -1,11 +1,14 @@
 """Numeric limits of options, stated as data by the options dataclasses of passes and calibration sources."""
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable
 
 from vitqc.errors import VitqcError
 
 __all__ = ["check_limit", "check_limits"]
+
+_COMPARISONS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
 
 def check_limit(value: Any, limit: str, where: str) -> None:
@@ -13,19 +16,16 @@ def check_limit(value: Any, limit: str, where: str) -> None:
     conditions: ``{"batch_size": ">= 1", "temperature": "> 0", "alpha": "0 to 1"}`` (``to`` is inclusive)."""
     if value is None:
         return
-    op, _, bound = limit.partition(" ")
     if " to " in limit:
         lo, hi = (float(b) for b in limit.split(" to "))
-        ok = lo <= value <= hi
-        limit = f"between {limit.replace(' to ', ' and ')}"
+        ok, wanted = lo <= value <= hi, f"between {limit.replace(' to ', ' and ')}"
     else:
-        checks = {">=": value >= float(bound), ">": value > float(bound), "<=": value <= float(bound),
-                  "<": value < float(bound)}
-        if op not in checks:
-            raise ValueError(f"bad limit {limit!r} for {where}")
-        ok = checks[op]
+        op, _, bound = limit.partition(" ")
+        if op not in _COMPARISONS:
+            raise ValueError(f"bad limit {limit!r} for {where}: write '>= N', '> N', '<= N', '< N' or 'A to B'")
+        ok, wanted = _COMPARISONS[op](value, float(bound)), limit
     if not ok:
-        raise VitqcError(f"{where} must be {limit}, not {value!r}")
+        raise VitqcError(f"{where} must be {wanted}, not {value!r}")
 
 
 def check_limits(options_cls: type, values: dict[str, Any], where: Callable[[str], str]) -> None:
