@@ -67,6 +67,16 @@ def ops_per_step(model, pipeline, calib) -> dict:
             "top_kernels": {k: round(v) for k, v in kernels.most_common(8)}}
 
 
+def replace_row(name: str, row: dict, key: tuple[str, ...], missing: dict | None = None) -> None:
+    """Add ``row`` to the rows of results/NAME.json, in place of the row with the same values at ``key`` (a key an
+    older row lacks reads as ``missing[key]``, else None)."""
+    path = RESULTS / f"{name}.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    missing = missing or {}
+    rows = [r for r in rows if [r.get(k, missing.get(k)) for k in key] != [row[k] for k in key]]
+    write_result(name, {"rows": rows + [row]})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="vit_small_patch16_224")
@@ -105,10 +115,7 @@ def main() -> None:
         for fused in (False, True):
             with fused_fake_quant(fused):
                 row["fused" if fused else "plain"] = ops_per_step(model, pipeline, calib)
-        rows = json.loads((RESULTS / "joint_ops.json").read_text())["rows"] if (RESULTS / "joint_ops.json").exists() else []
-        key = ("model", "img_size", "bits", "granularity")
-        rows = [r for r in rows if [r.get(k) for k in key] != [row[k] for k in key]]
-        write_result("joint_ops", {"rows": rows + [row]})
+        replace_row("joint_ops", row, ("model", "img_size", "bits", "granularity"))
         print("| model | fake-quant path | kernels per step | views per step | most frequent kernels |\n|---|---|---|---|---|")
         for path in ("plain", "fused"):
             c = row[path]
@@ -174,10 +181,7 @@ def main() -> None:
         row.update({"plain_it_per_s": round(1 / plain, 4), "plain_peak_memory": plain_peak,
                     "fused_speedup": round(plain / fused, 3), "saved_for_backward_gib": round(fused_saved, 3),
                     "plain_saved_for_backward_gib": round(plain_saved, 3)})
-    name = f"joint_throughput-{args.device.split(':')[0]}"
-    rows = json.loads((RESULTS / f"{name}.json").read_text())["rows"] if (RESULTS / f"{name}.json").exists() else []
-    rows = [r for r in rows if {k: r.get(k, False if k == "compile" else None) for k in key} != {k: row[k] for k in key}]
-    write_result(name, {"rows": rows + [row]})
+    replace_row(f"joint_throughput-{args.device.split(':')[0]}", row, key, missing={"compile": False})
     print("| model | device | batch | bits | activations | act. checkpointing | step | it/s | s/it | peak memory "
           "| saved for backward |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for label, t, peak, kept in ((labels[0], plain, plain_peak, plain_saved), (labels[1], fused, fused_peak, fused_saved)):
