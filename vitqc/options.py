@@ -1,12 +1,16 @@
-"""Numeric limits of options, stated as data by the options dataclasses of passes and calibration sources."""
+"""Options of passes and calibration sources: loosely typed values (TOML, JSON, ``--set`` / ``--calib`` text)
+coerced to the types their dataclasses declare, and the numeric limits those dataclasses state as data."""
 from __future__ import annotations
 
 import operator
+import tomllib
+import types
+import typing
 from typing import Any, Callable
 
 from vitqc.errors import VitqcError
 
-__all__ = ["check_limit", "check_limits"]
+__all__ = ["check_limit", "check_limits", "coerce_value", "parse_literal"]
 
 _COMPARISONS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
@@ -35,3 +39,75 @@ def check_limits(options_cls: type, values: dict[str, Any], where: Callable[[str
     for key, value in values.items():
         if key in limits:
             check_limit(value, limits[key], where(key))
+
+
+def coerce_value(value: Any, hint: Any, where: str) -> Any:
+    """Coerce ``value`` to the annotated type ``hint``; strings are parsed (so ``--set a.b=4`` works)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce_value(value, arg, where)
+            except VitqcError as e:
+                errors.append(str(e))
+        raise VitqcError(errors[0] if errors else f"{where}: cannot use {value!r}")
+    if origin is typing.Literal:
+        for arg in args:
+            try:
+                if coerce_value(value, type(arg), where) == arg:
+                    return arg
+            except VitqcError:
+                pass
+        raise VitqcError(f"{where} must be one of {', '.join(map(repr, args))}, not {value!r}")
+    if isinstance(value, str) and hint is not str and hint is not Any:
+        value = parse_literal(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise VitqcError(f"{where} must be true or false, not {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise VitqcError(f"{where} must be an integer, not {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise VitqcError(f"{where} must be a number, not {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise VitqcError(f"{where} must be a string, not {value!r}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise VitqcError(f"{where} must be a list, not {value!r}")
+        item = args[0] if args else Any
+        items = [coerce_value(v, item, where) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise VitqcError(f"{where} must be a table like {{name = value}}, not {value!r}")
+        kt, vt = args if args else (Any, Any)
+        return {coerce_value(k, kt, where): coerce_value(v, vt, where) for k, v in value.items()}
+    return value
+
+
+def parse_literal(text: str) -> Any:
+    """Parse a command-line value as a TOML value (``4``, ``0.5``, ``true``, ``[1, 2]``, ``{a = 8}``); text that
+    is not one stays text (a path, a name)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text

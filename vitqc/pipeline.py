@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from vitqc.errors import VitqcError
-from vitqc.passes.base import VitqcPass, _parse_literal, get_pass, registered_passes
+from vitqc.options import parse_literal
+from vitqc.passes.base import VitqcPass, get_pass, registered_passes
 
 __all__ = ["PassStep", "Pipeline", "builtin_pipelines", "load_pipeline"]
 
@@ -71,7 +72,7 @@ class Pipeline:
                 key, sep, value = option.partition("=")
                 if not sep:
                     raise VitqcError(f"pipeline option {option.strip()!r} in {text!r} needs the form option=value")
-                opts[key.strip()] = _parse_literal(value.strip())
+                opts[key.strip()] = parse_literal(value.strip())
             steps.append(PassStep(match.group(1), opts))
         if not steps:
             raise VitqcError(f"pipeline text {text!r} names no pass")

@@ -23,6 +23,12 @@ def test_registry_and_options():
         make_source("inversion", tiny_vit(), PRE, NAMES, stepz=3)
     src = make_source("inversion", tiny_vit(), PRE, NAMES, steps="7", flip="false")
     assert src.options.steps == 7 and src.options.flip is False
+    # coerced as pass options are (vitqc.options.coerce_value): the same spellings, the same one-line errors
+    assert make_source("noise", tiny_vit(), PRE, NAMES, mean=[0.5, 0.5, 0.5]).options.mean == (0.5, 0.5, 0.5)
+    with pytest.raises(VitqcError, match="^--calib inversion option steps must be an integer, not 'many'$"):
+        make_source("inversion", tiny_vit(), PRE, NAMES, steps="many")
+    with pytest.raises(VitqcError, match="^--calib inversion option flip must be true or false, not 'perhaps'$"):
+        make_source("inversion", tiny_vit(), PRE, NAMES, flip="perhaps")
     assert parse_options("inversion", "steps=5,lr=0.5", ["w_tv=0"]) == {"steps": 5, "lr": 0.5, "w_tv": 0}
     assert parse_options("noise", "mean=0.5/0.5/0.5", []) == {"mean": [0.5, 0.5, 0.5]}
     assert parse_options("learned-prompts", "out/emb.safetensors,steps=2", []) == {

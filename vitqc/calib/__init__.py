@@ -23,6 +23,7 @@ import importlib
 import math
 import random
 import time
+import typing
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -31,7 +32,7 @@ from torch import nn
 
 from vitqc.data import Preprocess
 from vitqc.errors import VitqcError
-from vitqc.options import check_limits
+from vitqc.options import check_limits, coerce_value
 
 __all__ = ["Source", "SOURCES", "get_source", "make_source", "plan_items", "generate", "calibration_batches",
            "item_seed", "default_device"]
@@ -53,42 +54,6 @@ def item_seed(seed: int, label: int, index: int) -> int:
     h = (int(seed) * 0x9E3779B97F4A7C15 + int(label) * 0xBF58476D1CE4E5B9 + int(index) * 0x94D049BB133111EB)
     h ^= h >> 31
     return h & ((1 << 63) - 1)
-
-
-def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
-    """A ``--opt`` value (a TOML literal or text) -> the type the option's dataclass field declares."""
-    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
-    kind = kind.replace(" ", "")
-    optional = "None" in kind
-    base = kind.replace("|None", "").replace("None|", "")
-    if value is None or (isinstance(value, str) and value.lower() == "none"):
-        if optional:
-            return None
-        raise VitqcError(f"{source} option {field.name} cannot be none")
-    try:
-        if base == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if base == "float":
-            return float(value)
-        if base == "bool":
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        if base.startswith("tuple"):
-            if isinstance(value, str):
-                value = [v for v in value.replace(" ", ",").split(",") if v]
-            if not isinstance(value, (list, tuple)):
-                value = [value]
-            return tuple(float(v) for v in value) if "float" in base else tuple(str(v) for v in value)
-        if base == "str":
-            return str(value)
-    except (TypeError, ValueError):
-        raise VitqcError(f"{source} option {field.name}={value!r} is not a valid {base}") from None
-    return value
 
 
 class Source:
@@ -122,7 +87,9 @@ class Source:
         if unknown:
             raise VitqcError(f"--calib {cls.name} has no option {unknown[0]!r}: its options are "
                              f"{', '.join(sorted(fields))}")
-        values = {k: _coerce(fields[k], v, cls.name) for k, v in options.items()}
+        # the same coercion and limit checks as pass options (``--set``), so both read and fail alike
+        hints = typing.get_type_hints(cls.Options)
+        values = {k: coerce_value(v, hints[k], f"--calib {cls.name} option {k}") for k, v in options.items()}
         check_limits(cls.Options, values, lambda k: f"--calib {cls.name} option {k}")
         return cls.Options(**values)
 

@@ -6,13 +6,13 @@ bare item is the embeddings file to reuse or write (``learned-prompts:emb.safete
 """
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Sequence
 
 from torch import nn
 
 from vitqc.errors import VitqcError
+from vitqc.options import parse_literal
 
 
 def _literal(text: str) -> Any:
@@ -22,10 +22,7 @@ def _literal(text: str) -> Any:
         if parts and all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in parts):
             return parts  # a list of numbers, e.g. mean=0.5/0.5/0.5
         return text  # a path
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+    return parse_literal(text)
 
 
 def parse_options(kind: str, value: str | None, extra: Sequence[str] = ()) -> dict[str, Any]:

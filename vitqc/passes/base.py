@@ -24,7 +24,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from vitqc.errors import PassCheckFailed, VitqcError
-from vitqc.options import check_limits
+from vitqc.options import check_limits, coerce_value
 
 __all__ = [
     "PassResult", "VitqcPass", "CompileContext", "register_pass", "get_pass", "registered_passes",
@@ -187,73 +187,3 @@ def build_options(options_cls: type, values: dict[str, Any], pass_name: str) -> 
     return options_cls(**coerced)
 
 
-def coerce_value(value: Any, hint: Any, where: str) -> Any:
-    """Coerce ``value`` to the annotated type ``hint``; strings are parsed (so ``--set a.b=4`` works)."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce_value(value, arg, where)
-            except VitqcError as e:
-                errors.append(str(e))
-        raise VitqcError(errors[0] if errors else f"{where}: cannot use {value!r}")
-    if origin is typing.Literal:
-        for arg in args:
-            try:
-                if coerce_value(value, type(arg), where) == arg:
-                    return arg
-            except VitqcError:
-                pass
-        raise VitqcError(f"{where} must be one of {', '.join(map(repr, args))}, not {value!r}")
-    if isinstance(value, str) and hint is not str and hint is not Any:
-        value = _parse_literal(value)
-    if hint is Any:
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise VitqcError(f"{where} must be true or false, not {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise VitqcError(f"{where} must be an integer, not {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise VitqcError(f"{where} must be a number, not {value!r}")
-    if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise VitqcError(f"{where} must be a string, not {value!r}")
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
-            raise VitqcError(f"{where} must be a list, not {value!r}")
-        item = args[0] if args else Any
-        return [coerce_value(v, item, where) for v in value]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise VitqcError(f"{where} must be a table like {{name = value}}, not {value!r}")
-        kt, vt = args if args else (Any, Any)
-        return {coerce_value(k, kt, where): coerce_value(v, vt, where) for k, v in value.items()}
-    return value
-
-
-def _parse_literal(text: str) -> Any:
-    """Parse a command-line value as a TOML value (``4``, ``0.5``, ``true``, ``[1, 2]``, ``{a = 8}``)."""
-    import tomllib
-
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
