@@ -73,23 +73,24 @@ def _reduce_to(t: Tensor, like: Tensor) -> Tensor:
 
 
 def _fake_quant_forward(x: Tensor, s: Tensor, z: Tensor | None, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
-    """``(out, inside)``: ``out = (clamp(round(x/s) + z, qmin, qmax) - z) * s`` in float32, built in place on one
-    fresh tensor, and ``inside``, whether each code lay in ``[qmin, qmax]`` before the clamp (for backward)."""
+    """``(out, clipped)``: ``out = (clamp(round(x/s) + z, qmin, qmax) - z) * s`` in float32, built in place on one
+    fresh tensor, and ``clipped``, whether each code lay outside ``[qmin, qmax]`` before the clamp (for backward:
+    ``masked_fill(clipped, 0)`` is one kernel where ``where(inside, t, 0.0)`` is two, the 0.0 becoming a tensor)."""
     q = torch.div(_f32(x), s).round_()
     if z is not None:
         q = q.add_(z)
     qc = q.clamp(qmin, qmax)
-    inside = q == qc
+    clipped = q != qc
     if z is not None:
         qc = qc.sub_(z)
-    return qc.mul_(s), inside
+    return qc.mul_(s), clipped
 
 
-def _step_grad(grad: Tensor, x: Tensor, out: Tensor, inside: Tensor, s: Tensor, like: Tensor) -> Tensor:
+def _step_grad(grad: Tensor, x: Tensor, out: Tensor, clipped: Tensor, s: Tensor, like: Tensor) -> Tensor:
     """``sum(grad * d out/d s)`` reduced to ``like``'s shape. Per element ``d out / d s`` is ``q - z - x/s``
     inside the range and ``clamp(q) - z`` outside, i.e. ``(out - inside * x) / s``; ``s`` is constant over each
     reduced group, so the division comes after the sum: four passes over the data, nothing recomputed."""
-    d = out - torch.where(inside, _f32(x), 0.0)
+    d = out - _f32(x).masked_fill(clipped, 0.0)
     return _reduce_to(d.mul_(grad), like) / s
 
 
@@ -101,30 +102,30 @@ class _FakeQuantStatic(torch.autograd.Function):
                 lsq: float) -> Tensor:
         s = scale.clamp_min(eps)
         z = None if zero_point is None else zero_point.round().clamp(qmin, qmax)
-        out, inside = _fake_quant_forward(x, s, z, qmin, qmax)
+        out, clipped = _fake_quant_forward(x, s, z, qmin, qmax)
         # `out` is what the consuming linear / matmul keeps for its own backward anyway: saving it costs nothing
-        ctx.save_for_backward(x, out, inside, scale, zero_point)
+        ctx.save_for_backward(x, out, clipped, scale, zero_point)
         ctx.consts = (qmin, qmax, eps, lsq)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, out, inside, scale, zero_point = ctx.saved_tensors
+        x, out, clipped, scale, zero_point = ctx.saved_tensors
         qmin, qmax, eps, lsq = ctx.consts
         s = scale.clamp_min(eps)
         grad = grad.float() if grad.dtype != out.dtype else grad
         grad_x = grad_scale = grad_zp = None
-        grad_in = torch.where(inside, grad, 0.0)
+        grad_in = grad.masked_fill(clipped, 0.0)
         if ctx.needs_input_grad[0]:
             grad_x = grad_in.to(x.dtype)
         if ctx.needs_input_grad[1]:
-            g = _step_grad(grad, x, out, inside, s, scale)
-            grad_scale = torch.where(scale >= eps, g * lsq, 0.0)
+            g = _step_grad(grad, x, out, clipped, s, scale)
+            grad_scale = (g * lsq).masked_fill_(scale < eps, 0.0)
         if zero_point is not None and ctx.needs_input_grad[2]:
             # clipped values' gradient = all of it minus the inside part
             g = (_reduce_to(grad, zero_point) - _reduce_to(grad_in, zero_point)) * -s
             zr = zero_point.round()
-            grad_zp = torch.where((zr >= qmin) & (zr <= qmax), g, 0.0)
+            grad_zp = g.masked_fill_((zr < qmin) | (zr > qmax), 0.0)
         return grad_x, grad_scale, grad_zp, None, None, None, None
 
 
@@ -137,23 +138,23 @@ class _FakeQuantToken(torch.autograd.Function):
         r = clip_ratio.clamp_min(eps)
         s_raw, s, z = token_qparams(_f32(x), r, qmin, qmax, symmetric)
         span = s_raw / r  # d s_raw / d r: the row's range over the number of levels
-        out, inside = _fake_quant_forward(x, s, z, qmin, qmax)
-        ctx.save_for_backward(x, out, inside, clip_ratio, span, s_raw, s)
+        out, clipped = _fake_quant_forward(x, s, z, qmin, qmax)
+        ctx.save_for_backward(x, out, clipped, clip_ratio, span, s_raw, s)
         ctx.consts = (qmin, qmax, eps, lsq)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, out, inside, clip_ratio, span, s_raw, s = ctx.saved_tensors
+        x, out, clipped, clip_ratio, span, s_raw, s = ctx.saved_tensors
         qmin, qmax, eps, lsq = ctx.consts
         grad = grad.float() if grad.dtype != out.dtype else grad
         grad_x = grad_ratio = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.where(inside, grad, 0.0).to(x.dtype)
+            grad_x = grad.masked_fill(clipped, 0.0).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            g_rows = _step_grad(grad, x, out, inside, s, s)
-            g = (torch.where(s_raw >= eps, g_rows, 0.0) * span).sum()
-            grad_ratio = torch.where(clip_ratio >= eps, g * lsq, 0.0)
+            g_rows = _step_grad(grad, x, out, clipped, s, s)
+            g = (g_rows.masked_fill_(s_raw < eps, 0.0) * span).sum()
+            grad_ratio = (g * lsq).masked_fill_(clip_ratio < eps, 0.0)
         return grad_x, grad_ratio, None, None, None, None, None
 
 

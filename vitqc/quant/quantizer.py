@@ -291,7 +291,8 @@ class UniformQuantizer(nn.Module):
             return False
         if torch.compiler.is_compiling():
             return False
-        return x.requires_grad or any(p.requires_grad for p in self.parameters(recurse=False))
+        # (its own parameters straight from the dict: parameters() walks named_modules, per call, per quantizer)
+        return x.requires_grad or any(p is not None and p.requires_grad for p in self._parameters.values())
 
     def _channel_shape(self, ndim: int) -> list[int]:
         axis = self.ch_axis if self.ch_axis >= 0 else self.ch_axis + ndim
