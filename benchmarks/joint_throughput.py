@@ -2,13 +2,19 @@
 
     python benchmarks/joint_throughput.py [--model vit_small_patch16_224] [--img-size N] [--batch 32] [--steps 10]
                                           [--device cuda] [--granularity token|tensor] [--repeats 3]
-                                          [--activation-checkpointing] [--compile] [--count-ops]
+                                          [--activation-checkpointing] [--compare fused|compile|optimizer]
+                                          [--width N] [--count-ops]
 
 Random weights and random images (timing only). Activations are quantized per token by default, as the
 shipped joint-w4a4 recipe does. Each run times the step in the same process with the fused fake-quant
 training path (vitqc.quant.fused, the default) and with the plain ops, alternating them --repeats times, and
-prints the median of each and their ratio. ``--compile`` compares fused eager with fused + torch.compile
-(``joint_optimize.compile``) instead. Memory: what the student's autograd graph keeps for backward
+prints the median of each and their ratio. ``--compare compile`` (or ``--compile``) compares fused eager with
+fused + torch.compile (``joint_optimize.compile``) instead; ``--compare optimizer`` compares torch's Adam stepping
+group by group (fused on CUDA, as joint_optimize did until 2026-12) with :class:`vitqc.optim.GroupedAdam` (one
+multi-tensor update over all groups, what joint_optimize uses), both fused fake-quant, eager unless ``--compile``
+is also given. ``--width N`` builds the model with every width N (timm ``embed_dim``; the same graph, the same
+number of quantizers and optimizer groups, negligible arithmetic): the step's time is then its host and dispatch
+overhead, what bounds a GPU step, measurable on a CPU. Memory: what the student's autograd graph keeps for backward
 (counted, so comparable anywhere), and the peak: CUDA max allocated per setting, on CPU the process's peak
 resident set size (one figure for the whole run: compare such settings in separate processes). Rows go to
 results/joint_throughput-<device>.json.
@@ -23,13 +29,17 @@ import argparse
 import collections
 import copy
 import json
+import math
 import resource
+from unittest import mock
 
 import timm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vitqc
+from vitqc.passes import joint_optimize
+from vitqc.optim import GroupedAdam
 from vitqc.passes.joint_optimize import WARMUP_STEPS
 from vitqc.pipeline import Pipeline
 from vitqc.quant.fused import fused_fake_quant
@@ -67,6 +77,13 @@ def ops_per_step(model, pipeline, calib) -> dict:
             "top_kernels": {k: round(v) for k, v in kernels.most_common(8)}}
 
 
+def torch_adam_per_group(groups: list[dict]) -> torch.optim.Adam:
+    """The optimizer joint_optimize used before GroupedAdam: torch's Adam, stepping group by group (one tensor per
+    group), fused on CUDA, torch's default elsewhere."""
+    on_gpu = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.Adam(groups, fused=True if on_gpu else None)
+
+
 def replace_row(name: str, row: dict, key: tuple[str, ...], missing: dict | None = None) -> None:
     """Add ``row`` to the rows of results/NAME.json, in place of the row with the same values at ``key`` (a key an
     older row lacks reads as ``missing[key]``, else None)."""
@@ -88,12 +105,19 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--granularity", default="token", choices=("token", "tensor"), help="activation quantizers")
     ap.add_argument("--activation-checkpointing", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="compare fused eager with fused + torch.compile "
-                    "(joint_optimize.compile) instead of plain ops with fused")
+    ap.add_argument("--compare", choices=("fused", "compile", "optimizer"), default=None,
+                    help="fused: plain ops vs fused fake-quant (default); compile: fused eager vs fused + torch.compile; "
+                         "optimizer: torch Adam per group vs GroupedAdam")
+    ap.add_argument("--compile", action="store_true", help="--compare compile; with --compare optimizer: both compiled")
+    ap.add_argument("--width", type=int, default=None, help="every width N (timm embed_dim): host overhead only")
     ap.add_argument("--count-ops", action="store_true", help="count the aten ops of one step (plain and fused), no timing")
     args = ap.parse_args()
+    args.compare = args.compare or ("compile" if args.compile else "fused")
+    args.compile = args.compile or args.compare == "compile"
     torch.manual_seed(0)
     kwargs = {"img_size": args.img_size} if args.img_size else {}
+    if args.width:
+        kwargs["embed_dim"] = args.width
     model = timm.create_model(args.model, pretrained=False, **kwargs).eval()
     size = args.img_size or model.default_cfg["input_size"][1]
     calib = [torch.randn(args.batch, 3, size, size)]
@@ -124,13 +148,15 @@ def main() -> None:
         return
 
     def seconds_per_step(mode: bool) -> tuple[float, str]:
-        """mode: fused fake-quant (True) or plain ops (False); with --compile: torch.compile (True) or not,
-        both fused. joint_optimize records the time of its first steps (the compile, warm-up) apart: the
-        rest over the steps after them."""
+        """mode: the second setting of --compare (fused fake-quant, torch.compile, GroupedAdam) or the first
+        (plain ops, eager, torch Adam per group). joint_optimize records the time of its first steps (the compile,
+        warm-up) apart: the rest over the steps after them."""
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        fused, compiled = (True, mode) if args.compile else (mode, False)
-        with fused_fake_quant(fused):
+        fused = mode if args.compare == "fused" else True
+        compiled = mode if args.compare == "compile" else args.compare == "optimizer" and args.compile
+        optimizer = GroupedAdam if mode or args.compare != "optimizer" else torch_adam_per_group
+        with fused_fake_quant(fused), mock.patch.object(joint_optimize, "GroupedAdam", optimizer):
             gm = vitqc.compile(copy.deepcopy(model), pipeline(steps, compiled), calib, quiet=True, device=args.device)
         record = gm.meta["vitqc"]["record"]["joint_optimize"]
         measured = (record["seconds"] - record["warmup_seconds"]) / (steps - record["warmup_steps"])
@@ -163,31 +189,39 @@ def main() -> None:
             runs[mode].append(seconds_per_step(mode))
     (plain, plain_peak), (fused, fused_peak) = (sorted(runs[m])[len(runs[m]) // 2] for m in (False, True))
     # what the two timed settings are: plain ops vs fused, or (--compile) fused eager vs fused + torch.compile
-    labels = ("fused eager", "fused + torch.compile") if args.compile else ("plain ops", "fused")
-    if args.compile:  # the autograd graph is inductor's there: nothing comparable to count
+    labels = {"fused": ("plain ops", "fused"), "compile": ("fused eager", "fused + torch.compile"),
+              "optimizer": ("torch Adam per group", "GroupedAdam")}[args.compare]
+    if args.compare == "optimizer" and args.compile:
+        labels = tuple(f"{label} (compiled)" for label in labels)
+    if args.compare != "fused":  # only fused vs plain changes what is kept (compiled: inductor's graph, not comparable)
         plain_saved = fused_saved = float("nan")
     else:
         plain_saved, fused_saved = saved_for_backward_gib(False), saved_for_backward_gib(True)
-    key = ("model", "img_size", "device", "batch", "bits", "granularity", "activation_checkpointing", "threads", "compile")
-    row = {"model": args.model, "img_size": size, "device": args.device, "threads": torch.get_num_threads(), "batch": args.batch,
-           "bits": args.bits, "granularity": args.granularity,
+    key = ("model", "img_size", "width", "device", "batch", "bits", "granularity", "activation_checkpointing", "threads",
+           "compare", "compile")
+    row = {"model": args.model, "img_size": size, "width": args.width, "device": args.device, "threads": torch.get_num_threads(),
+           "batch": args.batch, "bits": args.bits, "granularity": args.granularity,
            "activation_checkpointing": args.activation_checkpointing, "steps": args.steps, "repeats": args.repeats,
-           "compile": args.compile, "it_per_s": round(1 / fused, 4), "s_per_it": round(fused, 4), "peak_memory": fused_peak,
-           "machine": machine()}
-    if args.compile:
+           "compare": args.compare, "compile": args.compile, "it_per_s": round(1 / fused, 4), "s_per_it": round(fused, 4),
+           "peak_memory": fused_peak, "machine": machine()}
+    if args.compare == "compile":
         row.update({"eager_it_per_s": round(1 / plain, 4), "eager_peak_memory": plain_peak,
                     "compile_speedup": round(plain / fused, 3)})
+    elif args.compare == "optimizer":
+        row.update({"torch_adam_it_per_s": round(1 / plain, 4), "torch_adam_peak_memory": plain_peak,
+                    "grouped_adam_speedup": round(plain / fused, 3)})
     else:
         row.update({"plain_it_per_s": round(1 / plain, 4), "plain_peak_memory": plain_peak,
                     "fused_speedup": round(plain / fused, 3), "saved_for_backward_gib": round(fused_saved, 3),
                     "plain_saved_for_backward_gib": round(plain_saved, 3)})
-    replace_row(f"joint_throughput-{args.device.split(':')[0]}", row, key, missing={"compile": False})
+    replace_row(f"joint_throughput-{args.device.split(':')[0]}", row, key)
+    print(f"{args.model}" + (f" at every width {args.width} (host and dispatch overhead)" if args.width else ""))
     print("| model | device | batch | bits | activations | act. checkpointing | step | it/s | s/it | peak memory "
           "| saved for backward |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for label, t, peak, kept in ((labels[0], plain, plain_peak, plain_saved), (labels[1], fused, fused_peak, fused_saved)):
         print(f"| {args.model} | {args.device} ({torch.get_num_threads()} threads) | {args.batch} | {args.bits} | "
               f"{args.granularity} | {'on' if args.activation_checkpointing else 'off'} | {label} | {1 / t:.3f} | "
-              f"{t:.3f} | {peak} | {kept:.2f} GiB |")
+              f"{t:.3f} | {peak} | {'–' if math.isnan(kept) else f'{kept:.2f} GiB'} |")
     print(f"\n{labels[1]} vs {labels[0]}: {plain / fused:.2f}x the iterations per second ({machine()})")
 
 

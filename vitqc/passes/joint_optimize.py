@@ -33,6 +33,7 @@ from torch.fx.passes.split_module import split_module
 from torch.utils.checkpoint import checkpoint
 
 from vitqc.errors import VitqcError
+from vitqc.optim import GroupedAdam
 from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_property, register_pass
 from vitqc.passes.insert_quantizers import quantizers
 from vitqc.passes.weight_refine import refinement_penalty
@@ -308,11 +309,8 @@ class _RunState:
 
     @classmethod
     def start(cls, groups: list[dict], o: JointOptimizeOptions, seed: int) -> "_RunState":
-        # one parameter per group (each its own learning rate): on a GPU the fused kernel then launches once
-        # per group where the default (foreach) launches about ten
-        on_gpu = all(p.is_cuda for g in groups for p in g["params"])
-        optimizer = torch.optim.Adam([{k: v for k, v in g.items() if k != "names"} for g in groups],
-                                     fused=True if on_gpu else None)
+        # one parameter per group (each its own learning rate), all updated by one multi-tensor step
+        optimizer = GroupedAdam([{k: v for k, v in g.items() if k != "names"} for g in groups])
         total = max(1, o.iterations)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
         gen = torch.Generator().manual_seed(seed)
