@@ -9,7 +9,9 @@
 # (diffusers, timm as pinned here). `run` takes steps by name, in the order given; by default the ones with no
 # GPU figure yet, most wanted first (device time is short: 15 minutes a session):
 #
-#   compile_throughput  joint step with joint_optimize.compile vs fused eager (issue 3's 13.4 it/s goal)
+#   cudagraph_throughput  joint step with joint_optimize.compile, compile_mode reduce-overhead (CUDA graphs) vs
+#                       fused eager (issue 3's 13.4 it/s goal)
+#   compile_throughput  the same with torch.compile's default mode
 #   packed_compiled     packed backend + torch.compile vs bf16, and packed vs artifact agreement on CUDA (issue 5)
 #   accuracy            joint-w1.58a8 and joint-w3a3 on vits14_cifar10 at batch 32 in what is left of BUDGET_S
 #                       (default 560 s), two processes side by side, iterations from the measured step rate
@@ -92,9 +94,12 @@ print(max(100, min(4000, int(0.6 * rate * left) // 100 * 100)))
 }
 
 steps=${*:2}
-steps=${steps:-compile_throughput packed_compiled accuracy}
+steps=${steps:-cudagraph_throughput compile_throughput packed_compiled accuracy}
 for name in $steps; do
   case $name in
+    cudagraph_throughput)  # torch.compile + CUDA graphs (joint_optimize.compile_mode = "reduce-overhead") vs eager
+      step cudagraph_throughput 300 python3 joint_throughput.py --model vit_small_patch16_224 --batch 32 --steps 20 \
+        --repeats 1 --device cuda --compile --compile-mode reduce-overhead ;;
     compile_throughput)  # the first try (140 s) printed nothing: the compile of ViT-S needs longer
       step compile_throughput 300 python3 joint_throughput.py --model vit_small_patch16_224 --batch 32 --steps 20 \
         --repeats 1 --device cuda --compile ;;
@@ -110,7 +115,7 @@ for name in $steps; do
     prompts)
       step prompt_throughput 80 python3 prompt_throughput.py --arch sd-turbo --device cuda --steps 5 ;;
     accuracy) run_accuracy ;;
-    *) echo "gpu_session.sh: unknown step $name (steps: compile_throughput packed_compiled accuracy throughput packed prompts)"; exit 2 ;;
+    *) echo "gpu_session.sh: unknown step $name (steps: cudagraph_throughput compile_throughput packed_compiled accuracy throughput packed prompts)"; exit 2 ;;
   esac
 done
 tar czf "$OUT/results.tgz" benchmarks/results

@@ -3,7 +3,7 @@
     python benchmarks/joint_throughput.py [--model vit_small_patch16_224] [--img-size N] [--batch 32] [--steps 10]
                                           [--device cuda] [--granularity token|tensor] [--repeats 3]
                                           [--activation-checkpointing] [--compare fused|compile|optimizer]
-                                          [--width N] [--count-ops]
+                                          [--compile-mode reduce-overhead] [--width N] [--count-ops]
 
 Random weights and random images (timing only). Activations are quantized per token by default, as the
 shipped joint-w4a4 recipe does. Each run times the step in the same process with the fused fake-quant
@@ -109,6 +109,8 @@ def main() -> None:
                     help="fused: plain ops vs fused fake-quant (default); compile: fused eager vs fused + torch.compile; "
                          "optimizer: torch Adam per group vs GroupedAdam")
     ap.add_argument("--compile", action="store_true", help="--compare compile; with --compare optimizer: both compiled")
+    ap.add_argument("--compile-mode", default="default", help="joint_optimize.compile_mode (torch.compile's mode), "
+                    "e.g. reduce-overhead: CUDA graphs")
     ap.add_argument("--width", type=int, default=None, help="every width N (timm embed_dim): host overhead only")
     ap.add_argument("--count-ops", action="store_true", help="count the aten ops of one step (plain and fused), no timing")
     args = ap.parse_args()
@@ -130,7 +132,8 @@ def main() -> None:
                                                    "act_granularity": args.granularity}),
             "channel_rescale", "weight_refine", ("calibrate", {"max_images": args.batch}),
             ("joint_optimize", {"iterations": iterations, "batch_size": args.batch, "checkpoint_every": 10**9,
-                                "activation_checkpointing": args.activation_checkpointing, "compile": compiled})])
+                                "activation_checkpointing": args.activation_checkpointing, "compile": compiled,
+                                "compile_mode": args.compile_mode if compiled else "default"})])
 
     if args.count_ops:
         calib = [calib[0][:2]]
@@ -198,11 +201,11 @@ def main() -> None:
     else:
         plain_saved, fused_saved = saved_for_backward_gib(False), saved_for_backward_gib(True)
     key = ("model", "img_size", "width", "device", "batch", "bits", "granularity", "activation_checkpointing", "threads",
-           "compare", "compile")
+           "compare", "compile", "compile_mode")
     row = {"model": args.model, "img_size": size, "width": args.width, "device": args.device, "threads": torch.get_num_threads(),
            "batch": args.batch, "bits": args.bits, "granularity": args.granularity,
            "activation_checkpointing": args.activation_checkpointing, "steps": args.steps, "repeats": args.repeats,
-           "compare": args.compare, "compile": args.compile, "it_per_s": round(1 / fused, 4), "s_per_it": round(fused, 4),
+           "compare": args.compare, "compile": args.compile, "compile_mode": args.compile_mode, "it_per_s": round(1 / fused, 4), "s_per_it": round(fused, 4),
            "peak_memory": fused_peak, "machine": machine()}
     if args.compare == "compile":
         row.update({"eager_it_per_s": round(1 / plain, 4), "eager_peak_memory": plain_peak,

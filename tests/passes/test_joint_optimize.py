@@ -4,6 +4,7 @@ import torch
 import vitqc
 from tests.conftest import crash_after, tiny_vit
 from vitqc.demo import demo_calibration, demo_eval_batches, load_demo_model
+from vitqc.errors import VitqcError
 from vitqc.passes import joint_optimize as jo
 from vitqc.pipeline import Pipeline
 
@@ -136,3 +137,19 @@ def test_compile_option_trains_to_the_same_result(calib):
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
     record = compiled.meta["vitqc"]["record"]["joint_optimize"]
     assert record["warmup_steps"] == jo.WARMUP_STEPS and 0 < record["warmup_seconds"] <= record["seconds"]
+
+
+def test_compile_mode_reaches_torch_compile_and_needs_compile(calib, monkeypatch):
+    """joint_optimize.compile_mode is torch.compile's mode for teacher and student (the compile itself is
+    replaced here: test_compile_option_trains_to_the_same_result runs a real one)."""
+    modes = []
+
+    def fake_compile(module, **kwargs):
+        modes.append(kwargs["mode"])
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    vitqc.compile(tiny_vit(), joint_pipeline(1, compile=True, compile_mode="reduce-overhead"), calib, quiet=True)
+    assert modes == ["reduce-overhead", "reduce-overhead"]
+    with pytest.raises(VitqcError, match="compile_mode='reduce-overhead' needs joint_optimize.compile=true"):
+        vitqc.compile(tiny_vit(), joint_pipeline(1, compile_mode="reduce-overhead"), calib, quiet=True)

@@ -3,7 +3,7 @@ import torch
 import vitqc
 from tests.conftest import tiny_vit
 from vitqc.pipeline import Pipeline
-from vitqc.quant.modules import QuantLinear
+from vitqc.quant.modules import QUANT_LAYERS, QuantLinear
 
 
 def test_refinement_moves_weights_by_at_most_one_step_and_materialize_stores_what_was_used(calib):
@@ -31,3 +31,29 @@ def test_refinement_moves_weights_by_at_most_one_step_and_materialize_stores_wha
     codes = q.get_submodule("blocks.0.mlp.fc1").weight_codes
     unrefined = fc.weight_quantizer.integer(fc.effective_weight().detach())
     assert not torch.equal(codes, unrefined)  # the refinement changed the stored integers
+
+
+def test_refinement_penalty_value_and_gradient_are_autograds(calib):
+    """RefinementPenalty adds the gradient autograd would give the weighted mean over layers of mean(delta^2)."""
+    from vitqc.passes.weight_refine import RefinementPenalty
+
+    pipe = Pipeline.from_list(["canonicalize", ("insert_quantizers", {"weight_bits": 4}), "weight_refine", "calibrate"])
+    fake = vitqc.compile(tiny_vit(), pipe, calib, quiet=True)
+    layers = [m for m in fake.modules() if isinstance(m, QUANT_LAYERS)]  # the patch conv too
+    torch.manual_seed(0)
+    for m in layers:
+        m.refinement.data.normal_(0, 0.3)
+    weight = 0.25
+    reference = weight * torch.stack([m.refinement.pow(2).mean() for m in layers]).mean()
+    reference.backward()
+    expected = {id(m): m.refinement.grad.clone() for m in layers}
+    for i, m in enumerate(layers):  # half the layers start from an existing gradient, half from none
+        m.refinement.grad = torch.ones_like(m.refinement) if i % 2 else None
+    start = {id(m): (m.refinement.grad.clone() if m.refinement.grad is not None else 0.0) for m in layers}
+    penalty = RefinementPenalty(fake, weight)
+    assert penalty and len(penalty.offsets) == len(layers)
+    torch.testing.assert_close(weight * penalty.value(), reference.detach(), rtol=1e-6, atol=0)
+    penalty.add_grad()
+    for m in layers:
+        torch.testing.assert_close(m.refinement.grad, start[id(m)] + expected[id(m)], rtol=1e-6, atol=1e-9)
+    assert not RefinementPenalty(fake, 0.0)

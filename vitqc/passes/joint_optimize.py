@@ -36,7 +36,7 @@ from vitqc.errors import VitqcError
 from vitqc.optim import GroupedAdam
 from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_property, register_pass
 from vitqc.passes.insert_quantizers import quantizers
-from vitqc.passes.weight_refine import refinement_penalty
+from vitqc.passes.weight_refine import RefinementPenalty
 from vitqc.progress import progress_bar
 from vitqc.quant.modules import QUANT_LAYERS, ChannelFactors
 from vitqc.scopes import block_scopes, node_scopes, with_scope_outputs
@@ -72,15 +72,23 @@ class JointOptimizeOptions:
     amp: bool = True  # bf16 autocast on CUDA
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     # torch.compile (inductor) the teacher and student forwards (and so the student's backward): eager, one
-    # step dispatches ~9.5k small kernels (vits14 W4A4; joint_throughput.py --count-ops), which bounds a GPU step
+    # step dispatches ~7k small kernels (vits14 W4A4; joint_throughput.py --count-ops), which bounds a GPU step
     # by host and launch overhead, not arithmetic.
     # The first steps pay the compile. Measured: 1.6x the steps/s on a 2-core CPU (vits14 shape, batch 2); on
     # a GPU not yet (eager: 5.4 it/s for ViT-S at batch 32 on an H200, the same at 112 px as at 224: launch-bound).
     compile: bool = False
+    # torch.compile's mode. "reduce-overhead" replays teacher and student (forward and backward) as CUDA graphs:
+    # one launch each instead of one per kernel, for a step bound by launches. UNMEASURED on a GPU so far (no
+    # GPU lent since it was written); on a CPU it is the same as "default".
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     limits: ClassVar[dict[str, str]] = {
         "iterations": ">= 0", "batch_size": ">= 1", "lr_quant": ">= 0", "lr_zero_point": ">= 0", "lr_rescale": ">= 0",
         "lr_refine": ">= 0", "kl_weight": ">= 0", "feature_weight": ">= 0", "temperature": "> 0",
         "checkpoint_every": ">= 1"}
+
+    def __post_init__(self) -> None:
+        if self.compile_mode != "default" and not self.compile:
+            raise VitqcError(f"joint_optimize.compile_mode={self.compile_mode!r} needs joint_optimize.compile=true")
 
 
 # ------------------------------------------------------------------------------------------- memory
@@ -188,7 +196,10 @@ class JointOptimize(VitqcPass):
             p.requires_grad_(False)
         run_teacher, run_student = teacher, student
         if o.compile:
-            run_teacher, run_student = torch.compile(teacher, dynamic=False), torch.compile(student, dynamic=False)
+            run_teacher, run_student = (torch.compile(m, dynamic=False, mode=o.compile_mode) for m in (teacher, student))
+        # CUDA graphs (compile modes "reduce-overhead", "max-autotune") are told where each step begins, so a
+        # replay may reuse the previous step's output memory
+        graphs = o.compile and o.compile_mode in ("reduce-overhead", "max-autotune") and device.type == "cuda"
         groups = trainable_groups(gm, o)
         trainable = {id(p) for g in groups for p in g["params"]}
         for p in gm.parameters():
@@ -197,7 +208,7 @@ class JointOptimize(VitqcPass):
         if not groups:
             raise VitqcError("joint_optimize found nothing to train: run insert_quantizers and calibrate first")
         stages = self._stages(groups, scopes)
-        refine_weight = self._refine_weight(ctx)
+        penalty = RefinementPenalty(gm, self._refine_weight(ctx))
         ckpt = Path(ctx.work_dir) / CHECKPOINT_NAME if ctx.work_dir else None
         state = _RunState.start(groups, o, ctx.seed)
         if ctx.resume and ckpt is not None and ckpt.exists():
@@ -207,6 +218,8 @@ class JointOptimize(VitqcPass):
         student.train()
         with progress_bar(self.name, total=o.iterations, unit="it", completed=state.step, quiet=ctx.quiet) as bar:
             while state.step < o.iterations:
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 stage_index = min(state.step * len(stages) // o.iterations, len(stages) - 1)
                 stage_groups, stage_scope = stages[stage_index]
                 idx = torch.randint(0, len(images), (o.batch_size,), generator=state.gen)
@@ -217,13 +230,15 @@ class JointOptimize(VitqcPass):
                     t_out, *t_feats = run_teacher(x)
                 with amp:
                     s_out, *s_feats = run_student(x)
-                    loss, parts = self._loss(t_out, s_out, t_feats, s_feats, scopes, stage_scope, gm, refine_weight)
-                if not torch.isfinite(loss):
+                    loss, parts = self._loss(t_out, s_out, t_feats, s_feats, scopes, stage_scope, penalty)
+                if not torch.isfinite(parts["loss"]):
                     where = f"; the last good checkpoint is kept at {ckpt}" if ckpt else ""
-                    raise VitqcError(f"joint_optimize: the loss became {loss.item()} at step {state.step}{where}; "
+                    raise VitqcError(f"joint_optimize: the loss became {parts['loss'].item()} at step {state.step}{where}; "
                                      f"lower the learning rates (e.g. --set joint_optimize.lr_quant=1e-4)")
                 state.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if penalty:
+                    penalty.add_grad()
                 for i, g in enumerate(state.optimizer.param_groups):  # other stages' parameters stay put
                     if i not in stage_groups:
                         for p in g["params"]:
@@ -233,10 +248,10 @@ class JointOptimize(VitqcPass):
                 state.step += 1
                 if state.step == min(WARMUP_STEPS, o.iterations):
                     warmup_seconds = time.perf_counter() - started
-                first_loss = first_loss if first_loss is not None else float(loss.detach())
                 last = {k: float(v.detach()) for k, v in parts.items()}
+                first_loss = first_loss if first_loss is not None else last["loss"]
                 bar.advance(1)
-                bar.update(loss=float(loss.detach()), **{k: v for k, v in last.items() if k != "loss"})
+                bar.update(loss=last["loss"], **{k: v for k, v in last.items() if k != "loss"})
                 if ckpt is not None and (state.step % o.checkpoint_every == 0 or state.step == o.iterations):
                     state.save(ckpt, gm, o)
         student.eval()
@@ -271,7 +286,9 @@ class JointOptimize(VitqcPass):
         info = ctx.record.get("weight_refine")
         return float(info["regularization"]) if info else 0.0
 
-    def _loss(self, t_out, s_out, t_feats, s_feats, scopes, stage_scope, gm, refine_weight):
+    def _loss(self, t_out, s_out, t_feats, s_feats, scopes, stage_scope, penalty: RefinementPenalty):
+        """(what backward differentiates, the parts to log); the refinement penalty is in the logged ``loss`` but
+        not in the differentiated one: its gradient is added analytically (RefinementPenalty.add_grad)."""
         o = self.options
         parts: dict[str, torch.Tensor] = {}
         if stage_scope is None:
@@ -288,11 +305,10 @@ class JointOptimize(VitqcPass):
                 terms.append(((s - t).pow(2).sum(1) / t.pow(2).sum(1).clamp_min(1e-8)).mean())
             parts["feat"] = torch.stack(terms).mean()
         loss = o.kl_weight * parts.get("kl", 0.0) + o.feature_weight * parts.get("feat", 0.0)
-        penalty = refinement_penalty(gm) if refine_weight > 0 else None
-        if penalty is not None:
-            parts["refine"] = penalty
-            loss = loss + refine_weight * penalty
-        parts["loss"] = loss
+        parts["loss"] = loss.detach()
+        if penalty:
+            parts["refine"] = penalty.value()
+            parts["loss"] = parts["loss"] + penalty.weight * parts["refine"]
         return loss, parts
 
 

@@ -1,0 +1,110 @@
+"""Host and dispatch overhead of one joint step: this working tree against an earlier revision.
+
+    python benchmarks/host_overhead_ab.py --base REV [--repeats 3] [--width 48] [--steps 60] [--no-compile]
+
+A joint step on a GPU is bound by host and launch overhead (README), which a CPU can measure when the arithmetic
+is taken away: timm ``vit_small_patch16_224``'s graph with every width ``--width`` (48: 6 heads of 8), 32 px
+images (4 patches), batch 2, W4A4 per token, one thread: the same quantizers, optimizer groups and ops per step
+as ViT-S, next to no arithmetic. Each revision runs in its own process (``REV`` checked out in a temporary git
+worktree, imported through PYTHONPATH), the two alternated ``--repeats`` times; each process times the steps
+after joint_optimize's warm-up, eager and (unless ``--no-compile``) with ``joint_optimize.compile``. Medians and
+their ratio go to results/host_overhead_ab.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import ROOT, machine, write_result
+
+
+def child(width: int, steps: int, compiled: list[bool]) -> None:
+    import copy
+
+    import timm
+    import torch
+
+    import vitqc
+    from vitqc.passes.joint_optimize import WARMUP_STEPS
+    from vitqc.pipeline import Pipeline
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, embed_dim=width, num_heads=6).eval()
+    calib = [torch.randn(2, 3, 32, 32)]
+    total = steps + WARMUP_STEPS
+    out = {"vitqc": str(Path(vitqc.__file__).parents[1])}
+    for c in compiled:
+        pipe = Pipeline.from_list([
+            "canonicalize", ("insert_quantizers", {"weight_bits": 4.0, "act_bits": 4.0, "act_granularity": "token"}),
+            "channel_rescale", "weight_refine", ("calibrate", {"max_images": 2}),
+            ("joint_optimize", {"iterations": total, "batch_size": 2, "checkpoint_every": 10**9, "compile": c})])
+        gm = vitqc.compile(copy.deepcopy(model), pipe, calib, quiet=True)
+        r = gm.meta["vitqc"]["record"]["joint_optimize"]
+        out["compiled" if c else "eager"] = 1e3 * (r["seconds"] - r["warmup_seconds"]) / (total - r["warmup_steps"])
+    print(json.dumps(out), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", help="the git revision to compare this working tree with")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--width", type=int, default=48)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    modes = [False] if args.no_compile else [False, True]
+    if args.child:
+        return child(args.width, args.steps, modes)
+    if not args.base:
+        sys.exit("error: --base REV is required (e.g. --base HEAD~3)")
+    base_rev = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True)
+    if base_rev.returncode:
+        sys.exit(f"error: --base {args.base}: not a git revision here ({base_rev.stderr.strip()})")
+    base_rev = base_rev.stdout.strip()
+    head_rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "vitqc"], cwd=ROOT, capture_output=True, text=True).stdout)
+    times: dict[str, list[dict]] = {"base": [], "tree": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        worktree = Path(tmp) / "base"
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(worktree), base_rev], cwd=ROOT, check=True)
+        try:
+            for i in range(args.repeats):
+                for name, tree in (("base", worktree), ("tree", ROOT)):
+                    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+                    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--width", str(args.width),
+                           "--steps", str(args.steps)] + (["--no-compile"] if args.no_compile else [])
+                    # run from the temporary folder: the working tree's vitqc must not shadow the base's
+                    done = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True)
+                    if done.returncode:
+                        sys.exit(f"error: the {name} run failed:\n{done.stderr[-2000:]}")
+                    row = json.loads(done.stdout.strip().splitlines()[-1])
+                    if Path(row["vitqc"]).resolve() != Path(tree).resolve():
+                        sys.exit(f"error: the {name} run imported vitqc from {row['vitqc']}, not {tree}")
+                    times[name].append(row)
+                    print(f"run {i + 1}/{args.repeats} {name}: " + ", ".join(
+                        f"{m} {row[m]:.1f} ms" for m in ("eager", "compiled") if m in row), flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT)
+    result = {"base": base_rev, "tree": head_rev + ("+changes" if dirty else ""), "width": args.width,
+              "steps": args.steps, "repeats": args.repeats, "machine": machine(), "modes": {}}
+    print(f"\n| step | {base_rev} ms | {result['tree']} ms | speedup |\n|---|---|---|---|")
+    for mode in ("eager", "compiled")[:len(modes)]:
+        a = statistics.median(r[mode] for r in times["base"])
+        b = statistics.median(r[mode] for r in times["tree"])
+        result["modes"][mode] = {"base_ms": round(a, 2), "tree_ms": round(b, 2), "speedup": round(a / b, 3),
+                                 "base_runs": [round(r[mode], 2) for r in times["base"]],
+                                 "tree_runs": [round(r[mode], 2) for r in times["tree"]]}
+        print(f"| {mode} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
+    write_result("host_overhead_ab", result)
+
+
+if __name__ == "__main__":
+    main()
