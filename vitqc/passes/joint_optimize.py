@@ -194,9 +194,16 @@ class JointOptimize(VitqcPass):
             student = checkpointed_blocks(student, block_scopes(ctx.reference, o.features))
         for p in teacher.parameters():
             p.requires_grad_(False)
-        run_teacher, run_student = teacher, student
+
+        def student_loss(x, t_out, t_feats, stage_scope):
+            s_out, *s_feats = student(x)
+            return self._loss(t_out, s_out, t_feats, s_feats, scopes, stage_scope)
+
+        run_teacher, run_student_loss = teacher, student_loss
         if o.compile:
-            run_teacher, run_student = (torch.compile(m, dynamic=False, mode=o.compile_mode) for m in (teacher, student))
+            # the loss is compiled with the student: its ~100 kernels forward and ~150 backward join the student's
+            run_teacher, run_student_loss = (torch.compile(f, dynamic=False, mode=o.compile_mode)
+                                             for f in (teacher, student_loss))
         # CUDA graphs (compile modes "reduce-overhead", "max-autotune") are told where each step begins, so a
         # replay may reuse the previous step's output memory
         graphs = o.compile and o.compile_mode in ("reduce-overhead", "max-autotune") and device.type == "cuda"
@@ -229,15 +236,11 @@ class JointOptimize(VitqcPass):
                 with torch.no_grad(), amp:
                     t_out, *t_feats = run_teacher(x)
                 with amp:
-                    s_out, *s_feats = run_student(x)
-                    loss, parts = self._loss(t_out, s_out, t_feats, s_feats, scopes, stage_scope, penalty)
-                if not torch.isfinite(parts["loss"]):
-                    where = f"; the last good checkpoint is kept at {ckpt}" if ckpt else ""
-                    raise VitqcError(f"joint_optimize: the loss became {parts['loss'].item()} at step {state.step}{where}; "
-                                     f"lower the learning rates (e.g. --set joint_optimize.lr_quant=1e-4)")
+                    loss, parts = run_student_loss(x, t_out, t_feats, stage_scope)
                 state.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if penalty:
+                if penalty:  # its value before the update, as the loss's; its gradient added analytically
+                    parts["refine"] = penalty.value()
                     penalty.add_grad()
                 for i, g in enumerate(state.optimizer.param_groups):  # other stages' parameters stay put
                     if i not in stage_groups:
@@ -245,10 +248,17 @@ class JointOptimize(VitqcPass):
                             p.grad = None
                 state.optimizer.step()
                 state.scheduler.step()
+                # the step's one device sync, after all of it is queued: the logged values and the finite check
+                last = dict(zip(parts, torch.stack([v.detach().float() for v in parts.values()]).tolist()))
+                if penalty:
+                    last["loss"] += penalty.weight * last["refine"]
+                if not math.isfinite(last["loss"]):  # the model is spoiled; the checkpoint on disk is not
+                    where = f"; the last good checkpoint is kept at {ckpt}" if ckpt else ""
+                    raise VitqcError(f"joint_optimize: the loss became {last['loss']} at step {state.step}{where}; "
+                                     f"lower the learning rates (e.g. --set joint_optimize.lr_quant=1e-4)")
                 state.step += 1
                 if state.step == min(WARMUP_STEPS, o.iterations):
                     warmup_seconds = time.perf_counter() - started
-                last = {k: float(v.detach()) for k, v in parts.items()}
                 first_loss = first_loss if first_loss is not None else last["loss"]
                 bar.advance(1)
                 bar.update(loss=last["loss"], **{k: v for k, v in last.items() if k != "loss"})
@@ -286,9 +296,9 @@ class JointOptimize(VitqcPass):
         info = ctx.record.get("weight_refine")
         return float(info["regularization"]) if info else 0.0
 
-    def _loss(self, t_out, s_out, t_feats, s_feats, scopes, stage_scope, penalty: RefinementPenalty):
-        """(what backward differentiates, the parts to log); the refinement penalty is in the logged ``loss`` but
-        not in the differentiated one: its gradient is added analytically (RefinementPenalty.add_grad)."""
+    def _loss(self, t_out, s_out, t_feats, s_feats, scopes, stage_scope):
+        """(what backward differentiates, the parts to log) without the refinement penalty: the loop adds its value
+        to the logged ``loss`` and its gradient analytically (RefinementPenalty)."""
         o = self.options
         parts: dict[str, torch.Tensor] = {}
         if stage_scope is None:
@@ -306,9 +316,6 @@ class JointOptimize(VitqcPass):
             parts["feat"] = torch.stack(terms).mean()
         loss = o.kl_weight * parts.get("kl", 0.0) + o.feature_weight * parts.get("feat", 0.0)
         parts["loss"] = loss.detach()
-        if penalty:
-            parts["refine"] = penalty.value()
-            parts["loss"] = parts["loss"] + penalty.weight * parts["refine"]
         return loss, parts
 
 
