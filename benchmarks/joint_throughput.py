@@ -116,6 +116,8 @@ def main() -> None:
     args = ap.parse_args()
     args.compare = args.compare or ("compile" if args.compile else "fused")
     args.compile = args.compile or args.compare == "compile"
+    if args.compile_mode != "default" and not args.compile:
+        ap.error("--compile-mode needs --compile (or --compare compile)")
     torch.manual_seed(0)
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     if args.width:
@@ -191,7 +193,7 @@ def main() -> None:
         for mode in (False, True):
             runs[mode].append(seconds_per_step(mode))
     (plain, plain_peak), (fused, fused_peak) = (sorted(runs[m])[len(runs[m]) // 2] for m in (False, True))
-    # what the two timed settings are: plain ops vs fused, or (--compile) fused eager vs fused + torch.compile
+    # what the two timed settings are ("plain" and "fused" above: the first and the second of --compare)
     labels = {"fused": ("plain ops", "fused"), "compile": ("fused eager", "fused + torch.compile"),
               "optimizer": ("torch Adam per group", "GroupedAdam")}[args.compare]
     if args.compare == "optimizer" and args.compile:

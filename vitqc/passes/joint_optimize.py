@@ -201,7 +201,7 @@ class JointOptimize(VitqcPass):
 
         run_teacher, run_student_loss = teacher, student_loss
         if o.compile:
-            # the loss is compiled with the student: its ~100 kernels forward and ~150 backward join the student's
+            # the loss is compiled with the student: its ~100 kernels forward and ~150 backward join its graphs
             run_teacher, run_student_loss = (torch.compile(f, dynamic=False, mode=o.compile_mode)
                                              for f in (teacher, student_loss))
         # CUDA graphs (compile modes "reduce-overhead", "max-autotune") are told where each step begins, so a
