@@ -1,6 +1,7 @@
 """Host and dispatch overhead of one joint step: this working tree against an earlier revision.
 
     python benchmarks/host_overhead_ab.py --base REV [--repeats 3] [--width 48] [--steps 60] [--no-compile]
+        [--model vit_small_patch16_224] [--img-size 32] [--batch 2] [--threads 1]
 
 A joint step on a GPU is bound by host and launch overhead (README), which a CPU can measure when the arithmetic
 is taken away: timm ``vit_small_patch16_224``'s graph with every width ``--width`` (48: 6 heads of 8), 32 px
@@ -8,7 +9,8 @@ images (4 patches), batch 2, W4A4 per token, one thread: the same quantizers, op
 as ViT-S, next to no arithmetic. Each revision runs in its own process (``REV`` checked out in a temporary git
 worktree, imported through PYTHONPATH), the two alternated ``--repeats`` times; each process times the steps
 after joint_optimize's warm-up, eager and (unless ``--no-compile``) with ``joint_optimize.compile``. Medians and
-their ratio go to results/host_overhead_ab.json.
+their ratio go to results/host_overhead_ab.json. ``--width 0`` keeps the model's own widths: with a real shape
+(e.g. ``--model vit_small_patch14_dinov2 --img-size 112 --batch 8 --threads 2``) it times the whole step instead.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pathlib import Path
 from common import ROOT, machine, write_result
 
 
-def child(width: int, steps: int, compiled: list[bool]) -> None:
+def child(args: argparse.Namespace, compiled: list[bool]) -> None:
     import copy
 
     import timm
@@ -35,16 +37,17 @@ def child(width: int, steps: int, compiled: list[bool]) -> None:
     from vitqc.pipeline import Pipeline
 
     torch.manual_seed(0)
-    torch.set_num_threads(1)
-    model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, embed_dim=width, num_heads=6).eval()
-    calib = [torch.randn(2, 3, 32, 32)]
-    total = steps + WARMUP_STEPS
+    torch.set_num_threads(args.threads)
+    widths = {"embed_dim": args.width} if args.width else {}
+    model = timm.create_model(args.model, pretrained=False, img_size=args.img_size, **widths).eval()
+    calib = [torch.randn(args.batch, 3, args.img_size, args.img_size)]
+    total = args.steps + WARMUP_STEPS
     out = {"vitqc": str(Path(vitqc.__file__).parents[1])}
     for c in compiled:
         pipe = Pipeline.from_list([
             "canonicalize", ("insert_quantizers", {"weight_bits": 4.0, "act_bits": 4.0, "act_granularity": "token"}),
-            "channel_rescale", "weight_refine", ("calibrate", {"max_images": 2}),
-            ("joint_optimize", {"iterations": total, "batch_size": 2, "checkpoint_every": 10**9, "compile": c})])
+            "channel_rescale", "weight_refine", ("calibrate", {"max_images": args.batch}),
+            ("joint_optimize", {"iterations": total, "batch_size": args.batch, "checkpoint_every": 10**9, "compile": c})])
         gm = vitqc.compile(copy.deepcopy(model), pipe, calib, quiet=True)
         r = gm.meta["vitqc"]["record"]["joint_optimize"]
         out["compiled" if c else "eager"] = 1e3 * (r["seconds"] - r["warmup_seconds"]) / (total - r["warmup_steps"])
@@ -55,14 +58,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", help="the git revision to compare this working tree with")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--width", type=int, default=48)
+    ap.add_argument("--width", type=int, default=48, help="every width N, a multiple of the head count (0: the model's own)")
+    ap.add_argument("--model", default="vit_small_patch16_224")
+    ap.add_argument("--img-size", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     modes = [False] if args.no_compile else [False, True]
     if args.child:
-        return child(args.width, args.steps, modes)
+        return child(args, modes)
     if not args.base:
         sys.exit("error: --base REV is required (e.g. --base HEAD~3)")
     base_rev = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True)
@@ -78,9 +85,11 @@ def main() -> None:
         try:
             for i in range(args.repeats):
                 for name, tree in (("base", worktree), ("tree", ROOT)):
-                    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+                    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(args.threads)}
                     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--width", str(args.width),
-                           "--steps", str(args.steps)] + (["--no-compile"] if args.no_compile else [])
+                           "--steps", str(args.steps), "--model", args.model, "--img-size", str(args.img_size),
+                           "--batch", str(args.batch), "--threads", str(args.threads)]
+                    cmd += ["--no-compile"] if args.no_compile else []
                     # run from the temporary folder: the working tree's vitqc must not shadow the base's
                     done = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True)
                     if done.returncode:
@@ -93,8 +102,8 @@ def main() -> None:
                         f"{m} {row[m]:.1f} ms" for m in ("eager", "compiled") if m in row), flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT)
-    result = {"base": base_rev, "tree": head_rev + ("+changes" if dirty else ""), "width": args.width,
-              "steps": args.steps, "repeats": args.repeats, "machine": machine(), "modes": {}}
+    result = {"base": base_rev, "tree": head_rev + ("+changes" if dirty else ""), "model": args.model,
+              "width": args.width, "img_size": args.img_size, "batch": args.batch, "threads": args.threads, "steps": args.steps, "repeats": args.repeats, "machine": machine(), "modes": {}}
     print(f"\n| step | {base_rev} ms | {result['tree']} ms | speedup |\n|---|---|---|---|")
     for mode in ("eager", "compiled")[:len(modes)]:
         a = statistics.median(r[mode] for r in times["base"])
@@ -103,7 +112,9 @@ def main() -> None:
                                  "base_runs": [round(r[mode], 2) for r in times["base"]],
                                  "tree_runs": [round(r[mode], 2) for r in times["tree"]]}
         print(f"| {mode} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
-    write_result("host_overhead_ab", result)
+    # one file per shape: the host-overhead proxy keeps its name
+    proxy = (args.model, args.width, args.img_size, args.batch) == ("vit_small_patch16_224", 48, 32, 2)
+    write_result("host_overhead_ab", result, tag="" if proxy else f"{args.model}-{args.img_size}px-b{args.batch}-w{args.width}")
 
 
 if __name__ == "__main__":
