@@ -31,6 +31,8 @@ import sys
 
 import torch
 
+from vitqc.options import parse_literal
+
 from common import (Timer, decode_eval_set, load_cells, load_reference_model, predictions, require_shared, run_cell,
                     top1, without)
 
@@ -132,15 +134,16 @@ def ablations(args) -> None:
 
 
 def parse_try(text: str) -> dict:
-    """'lr_refine=1e-2,channel_rescale.alpha=0.2' -> {'joint_optimize__lr_refine': 0.01,
-    'channel_rescale__alpha': 0.2}: a bare name is a joint_optimize option, PASS.OPTION any pass's."""
+    """'lr_refine=1e-2,channel_rescale.alpha=0.2,amp_cpu=true' -> {'joint_optimize__lr_refine': 0.01,
+    'channel_rescale__alpha': 0.2, 'joint_optimize__amp_cpu': True}: a bare name is a joint_optimize option,
+    PASS.OPTION any pass's; values are TOML literals, as ``--set`` takes them."""
     out = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if not value:
             raise SystemExit(f"--try {text!r}: write options as name=value,pass.name=value")
         key = key.strip()
-        out[key.replace(".", "__", 1) if "." in key else f"joint_optimize__{key}"] = float(value)
+        out[key.replace(".", "__", 1) if "." in key else f"joint_optimize__{key}"] = parse_literal(value.strip())
     return out
 
 

@@ -153,3 +153,24 @@ def test_compile_mode_reaches_torch_compile_and_needs_compile(calib, monkeypatch
     assert modes == ["reduce-overhead", "reduce-overhead"]
     with pytest.raises(VitqcError, match="compile_mode='reduce-overhead' needs joint_optimize.compile=true"):
         vitqc.compile(tiny_vit(), joint_pipeline(1, compile_mode="reduce-overhead"), calib, quiet=True)
+
+
+def test_amp_cpu_runs_the_step_under_bf16_autocast_where_the_cpu_has_bf16(calib, monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    seen = []
+    real_linear = torch.nn.functional.linear
+
+    def spy(x, w, b=None):
+        out = real_linear(x, w, b)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    gm = vitqc.compile(tiny_vit(), joint_pipeline(2, amp_cpu=True), calib, quiet=True)
+    record = gm.meta["vitqc"]["record"]["joint_optimize"]
+    assert record["autocast"] == "bf16" and torch.bfloat16 in seen
+    assert all(torch.isfinite(torch.tensor(v)) for v in record["final"].values())
+    assert vitqc.compile(tiny_vit(), joint_pipeline(1), calib, quiet=True).meta["vitqc"]["record"]["joint_optimize"]["autocast"] is None
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with pytest.raises(VitqcError, match="no native bf16 .*leave amp_cpu off"):
+        vitqc.compile(tiny_vit(), joint_pipeline(1, amp_cpu=True), calib, quiet=True)

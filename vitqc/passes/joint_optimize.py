@@ -70,6 +70,10 @@ class JointOptimizeOptions:
     mode: Literal["joint", "blockwise"] = "joint"
     checkpoint_every: int = 200
     amp: bool = True  # bf16 autocast on CUDA
+    # bf16 autocast on a CPU too, where it computes bf16 natively (AVX-512 BF16 / AMX): its GEMMs, most of a CPU
+    # step, run ~2.3x faster. Measured (2-core AMD EPYC, vits14 joint-w4a4 300 x 8, 1 thread, 2,000 test images):
+    # 342 s instead of 488 s, 75.30 % vs 74.80 % top-1. Off by default: the README's CPU figures are float32.
+    amp_cpu: bool = False
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     # torch.compile (inductor) the teacher and student forwards (and so the student's backward): eager, one
     # step dispatches ~7k small kernels (vits14 W4A4; joint_throughput.py --count-ops), which bounds a GPU step
@@ -89,6 +93,18 @@ class JointOptimizeOptions:
     def __post_init__(self) -> None:
         if self.compile_mode != "default" and not self.compile:
             raise VitqcError(f"joint_optimize.compile_mode={self.compile_mode!r} needs joint_optimize.compile=true")
+
+
+def _autocast(o: JointOptimizeOptions, device: torch.device) -> bool:
+    """Whether teacher and student run under bf16 autocast (``amp`` on CUDA, ``amp_cpu`` on a CPU)."""
+    if device.type == "cuda":
+        return o.amp
+    if device.type == "cpu" and o.amp_cpu:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            raise VitqcError("joint_optimize.amp_cpu: this CPU has no native bf16 (AVX-512 BF16 or AMX), where bf16 is "
+                             "slower than float32; leave amp_cpu off")
+        return True
+    return False
 
 
 # ------------------------------------------------------------------------------------------- memory
@@ -221,7 +237,8 @@ class JointOptimize(VitqcPass):
         if ctx.resume and ckpt is not None and ckpt.exists():
             state.load(ckpt, gm, o)
         started, first_loss, last, warmup_seconds = time.perf_counter(), None, {}, None
-        amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=o.amp and device.type == "cuda")
+        autocast = _autocast(o, device)
+        amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
         student.train()
         with progress_bar(self.name, total=o.iterations, unit="it", completed=state.step, quiet=ctx.quiet) as bar:
             while state.step < o.iterations:
@@ -271,6 +288,7 @@ class JointOptimize(VitqcPass):
                                  "feature_scopes": scopes, "trainable_tensors": len(groups),
                                  "first_loss": first_loss, "final": last, "seconds": round(seconds, 2),
                                  "resumed_from": state.resumed_from, "device": str(device),
+                                 "autocast": "bf16" if autocast else None,
                                  # the first steps (torch.compile, allocator and kernel warm-up) on their own
                                  "warmup_steps": WARMUP_STEPS, "warmup_seconds": warmup_seconds and round(warmup_seconds, 3)}
         return PassResult(gm, True)
