@@ -72,7 +72,8 @@ class JointOptimizeOptions:
     amp: bool = True  # bf16 autocast on CUDA
     # bf16 autocast on a CPU too, where it computes bf16 natively (AVX-512 BF16 / AMX): its GEMMs, most of a CPU
     # step, run ~2.3x faster. Measured (2-core AMD EPYC, vits14 joint-w4a4 300 x 8, 1 thread, 2,000 test images):
-    # 342 s instead of 488 s, 75.30 % vs 74.80 % top-1. Off by default: the README's CPU figures are float32.
+    # 342 s instead of 488 s, 75.30 % vs 74.80 % top-1; joint-w3a3 354 s vs 516 s, 56.00 vs 53.60 %. Off by
+    # default: the README's CPU figures are float32.
     amp_cpu: bool = False
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     # torch.compile (inductor) the teacher and student forwards (and so the student's backward): eager, one
