@@ -2,6 +2,7 @@
 coerced to the types their dataclasses declare, and the numeric limits those dataclasses state as data."""
 from __future__ import annotations
 
+import dataclasses
 import operator
 import tomllib
 import types
@@ -10,7 +11,7 @@ from typing import Any, Callable
 
 from vitqc.errors import VitqcError
 
-__all__ = ["check_limit", "check_limits", "coerce_value", "parse_literal"]
+__all__ = ["check_limit", "check_limits", "coerce_value", "make_options", "parse_literal"]
 
 _COMPARISONS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
@@ -39,6 +40,22 @@ def check_limits(options_cls: type, values: dict[str, Any], where: Callable[[str
     for key, value in values.items():
         if key in limits:
             check_limit(value, limits[key], where(key))
+
+
+def make_options(options_cls: type, values: dict[str, Any], where: Callable[[str], str],
+                 unknown: Callable[[str, list[str]], str]) -> Any:
+    """Instantiate an Options dataclass from loosely typed values (TOML, JSON, command-line text): each name must
+    be a field (else ``VitqcError(unknown(name, field_names))``), each value is coerced to its field's type and
+    checked against the class's limits; ``where(name)`` names an option in errors. Pass options (``--set``) and
+    calibration-source options (``--calib``) are built by this one function."""
+    fields = [f.name for f in dataclasses.fields(options_cls)]
+    strangers = sorted(set(values) - set(fields))
+    if strangers:
+        raise VitqcError(unknown(strangers[0], fields))
+    hints = typing.get_type_hints(options_cls)
+    coerced = {k: coerce_value(v, hints[k], where(k)) for k, v in values.items()}
+    check_limits(options_cls, coerced, where)
+    return options_cls(**coerced)
 
 
 def coerce_value(value: Any, hint: Any, where: str) -> Any:

@@ -23,7 +23,6 @@ import importlib
 import math
 import random
 import time
-import typing
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -32,7 +31,7 @@ from torch import nn
 
 from vitqc.data import Preprocess
 from vitqc.errors import VitqcError
-from vitqc.options import check_limits, coerce_value
+from vitqc.options import make_options
 
 __all__ = ["Source", "SOURCES", "get_source", "make_source", "plan_items", "generate", "calibration_batches",
            "item_seed", "default_device"]
@@ -82,16 +81,9 @@ class Source:
             if options:
                 raise VitqcError(f"--calib {cls.name} takes no options (got {', '.join(sorted(options))})")
             return cls.Options()
-        fields = {f.name: f for f in dataclasses.fields(cls.Options)}
-        unknown = sorted(set(options) - set(fields))
-        if unknown:
-            raise VitqcError(f"--calib {cls.name} has no option {unknown[0]!r}: its options are "
-                             f"{', '.join(sorted(fields))}")
-        # the same coercion and limit checks as pass options (``--set``), so both read and fail alike
-        hints = typing.get_type_hints(cls.Options)
-        values = {k: coerce_value(v, hints[k], f"--calib {cls.name} option {k}") for k, v in options.items()}
-        check_limits(cls.Options, values, lambda k: f"--calib {cls.name} option {k}")
-        return cls.Options(**values)
+        # built as pass options (``--set``) are, so both read and fail alike
+        return make_options(cls.Options, options, lambda k: f"--calib {cls.name} option {k}", lambda name, valid: (
+            f"--calib {cls.name} has no option {name!r}: its options are {', '.join(sorted(valid))}"))
 
     @property
     def batch_size(self) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -24,7 +23,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from vitqc.errors import PassCheckFailed, VitqcError
-from vitqc.options import check_limits, coerce_value
+from vitqc.options import make_options
 
 __all__ = [
     "PassResult", "VitqcPass", "CompileContext", "register_pass", "get_pass", "registered_passes",
@@ -175,15 +174,8 @@ def registered_properties() -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------- options
 def build_options(options_cls: type, values: dict[str, Any], pass_name: str) -> Any:
-    """Instantiate an Options dataclass from loosely typed values (TOML, JSON, ``--set`` strings)."""
-    fields = {f.name: f for f in dataclasses.fields(options_cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        valid = ", ".join(fields) or "none"
-        raise VitqcError(f"unknown option {unknown[0]!r} for pass {pass_name!r} (valid options: {valid})")
-    hints = typing.get_type_hints(options_cls)
-    coerced = {k: coerce_value(v, hints[k], f"{pass_name}.{k}") for k, v in values.items()}
-    check_limits(options_cls, coerced, lambda k: f"{pass_name}.{k}")
-    return options_cls(**coerced)
+    """Instantiate a pass's Options dataclass from loosely typed values (TOML, JSON, ``--set`` strings)."""
+    return make_options(options_cls, values, lambda k: f"{pass_name}.{k}", lambda name, valid: (
+        f"unknown option {name!r} for pass {pass_name!r} (valid options: {', '.join(valid) or 'none'})"))
 
 
