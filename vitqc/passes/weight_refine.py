@@ -62,7 +62,7 @@ class RefinementPenalty:
         self.weight = float(weight)
         n = len(self.offsets)
         self._grad_scales = [2.0 * self.weight / (n * t.numel()) for t in self.offsets]
-        self._numels = None
+        self._numels = torch.tensor([float(t.numel()) for t in self.offsets], device=self.offsets[0].device) if n else None
 
     def __bool__(self) -> bool:
         return bool(self.offsets) and self.weight > 0
@@ -70,8 +70,6 @@ class RefinementPenalty:
     @torch.no_grad()
     def value(self) -> torch.Tensor:
         """The penalty (unweighted, detached): ``||delta||^2 / numel`` per layer, averaged."""
-        if self._numels is None:
-            self._numels = torch.tensor([float(t.numel()) for t in self.offsets], device=self.offsets[0].device)
         return (torch.stack(torch._foreach_norm(self.offsets)).square() / self._numels).mean()
 
     @torch.no_grad()
