@@ -89,6 +89,19 @@ def without(pipeline, *names):
     return pipe
 
 
+def joint_step_pipeline(bits: str, granularity: str, batch: int, iterations: int, **joint_options):
+    """What the step-timing benchmarks run: ``bits`` ("w4a4") with ``granularity`` activations, channel_rescale,
+    weight_refine, calibration on one batch, then ``iterations`` joint steps at ``batch`` without checkpoints;
+    ``joint_options`` are further joint_optimize options."""
+    from vitqc.pipeline import Pipeline  # here: host_overhead_ab's children import the vitqc under test first
+
+    w, a = bits[1:].split("a")
+    return Pipeline.from_list([
+        "canonicalize", ("insert_quantizers", {"weight_bits": float(w), "act_bits": float(a), "act_granularity": granularity}),
+        "channel_rescale", "weight_refine", ("calibrate", {"max_images": batch}),
+        ("joint_optimize", {"iterations": iterations, "batch_size": batch, "checkpoint_every": 10**9, **joint_options})])
+
+
 def write_result(name: str, payload: dict, tag: str = "") -> Path:
     """results/NAME[-TAG].json, written atomically (NAME may be given with its .json)."""
     name = name.removesuffix(".json")

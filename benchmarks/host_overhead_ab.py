@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, machine, write_result
+from common import ROOT, joint_step_pipeline, machine, write_result
 
 
 def child(args: argparse.Namespace, compiled: list[bool]) -> None:
@@ -34,7 +34,6 @@ def child(args: argparse.Namespace, compiled: list[bool]) -> None:
 
     import vitqc
     from vitqc.passes.joint_optimize import WARMUP_STEPS
-    from vitqc.pipeline import Pipeline
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -44,10 +43,7 @@ def child(args: argparse.Namespace, compiled: list[bool]) -> None:
     total = args.steps + WARMUP_STEPS
     out = {"vitqc": str(Path(vitqc.__file__).parents[1])}
     for c in compiled:
-        pipe = Pipeline.from_list([
-            "canonicalize", ("insert_quantizers", {"weight_bits": 4.0, "act_bits": 4.0, "act_granularity": "token"}),
-            "channel_rescale", "weight_refine", ("calibrate", {"max_images": args.batch}),
-            ("joint_optimize", {"iterations": total, "batch_size": args.batch, "checkpoint_every": 10**9, "compile": c})])
+        pipe = joint_step_pipeline("w4a4", "token", args.batch, total, compile=c)
         gm = vitqc.compile(copy.deepcopy(model), pipe, calib, quiet=True)
         r = gm.meta["vitqc"]["record"]["joint_optimize"]
         out["compiled" if c else "eager"] = 1e3 * (r["seconds"] - r["warmup_seconds"]) / (total - r["warmup_steps"])

@@ -44,7 +44,7 @@ from vitqc.passes.joint_optimize import WARMUP_STEPS
 from vitqc.pipeline import Pipeline
 from vitqc.quant.fused import fused_fake_quant
 
-from common import RESULTS, machine, write_result
+from common import RESULTS, joint_step_pipeline, machine, write_result
 
 
 class OpCounter(TorchDispatchMode):
@@ -125,17 +125,12 @@ def main() -> None:
     model = timm.create_model(args.model, pretrained=False, **kwargs).eval()
     size = args.img_size or model.default_cfg["input_size"][1]
     calib = [torch.randn(args.batch, 3, size, size)]
-    w, a = args.bits[1:].split("a")
     steps = args.steps + WARMUP_STEPS  # joint_optimize times its first WARMUP_STEPS apart
 
     def pipeline(iterations: int, compiled: bool = False) -> Pipeline:
-        return Pipeline.from_list([
-            "canonicalize", ("insert_quantizers", {"weight_bits": float(w), "act_bits": float(a),
-                                                   "act_granularity": args.granularity}),
-            "channel_rescale", "weight_refine", ("calibrate", {"max_images": args.batch}),
-            ("joint_optimize", {"iterations": iterations, "batch_size": args.batch, "checkpoint_every": 10**9,
-                                "activation_checkpointing": args.activation_checkpointing, "compile": compiled,
-                                "compile_mode": args.compile_mode if compiled else "default"})])
+        return joint_step_pipeline(args.bits, args.granularity, args.batch, iterations, compile=compiled,
+                                   activation_checkpointing=args.activation_checkpointing,
+                                   compile_mode=args.compile_mode if compiled else "default")
 
     if args.count_ops:
         calib = [calib[0][:2]]
