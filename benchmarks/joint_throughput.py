@@ -187,42 +187,42 @@ def main() -> None:
     for _ in range(args.repeats):
         for mode in (False, True):
             runs[mode].append(seconds_per_step(mode))
-    (plain, plain_peak), (fused, fused_peak) = (sorted(runs[m])[len(runs[m]) // 2] for m in (False, True))
-    # what the two timed settings are ("plain" and "fused" above: the first and the second of --compare)
+    (base, base_peak), (new, new_peak) = (sorted(runs[m])[len(runs[m]) // 2] for m in (False, True))
+    # base, new: the medians of the first and the second setting of --compare
     labels = {"fused": ("plain ops", "fused"), "compile": ("fused eager", "fused + torch.compile"),
               "optimizer": ("torch Adam per group", "GroupedAdam")}[args.compare]
     if args.compare == "optimizer" and args.compile:
         labels = tuple(f"{label} (compiled)" for label in labels)
     if args.compare != "fused":  # only fused vs plain changes what is kept (compiled: inductor's graph, not comparable)
-        plain_saved = fused_saved = float("nan")
+        base_saved = new_saved = float("nan")
     else:
-        plain_saved, fused_saved = saved_for_backward_gib(False), saved_for_backward_gib(True)
+        base_saved, new_saved = saved_for_backward_gib(False), saved_for_backward_gib(True)
     key = ("model", "img_size", "width", "device", "batch", "bits", "granularity", "activation_checkpointing", "threads",
            "compare", "compile", "compile_mode")
     row = {"model": args.model, "img_size": size, "width": args.width, "device": args.device, "threads": torch.get_num_threads(),
            "batch": args.batch, "bits": args.bits, "granularity": args.granularity,
            "activation_checkpointing": args.activation_checkpointing, "steps": args.steps, "repeats": args.repeats,
-           "compare": args.compare, "compile": args.compile, "compile_mode": args.compile_mode, "it_per_s": round(1 / fused, 4), "s_per_it": round(fused, 4),
-           "peak_memory": fused_peak, "machine": machine()}
+           "compare": args.compare, "compile": args.compile, "compile_mode": args.compile_mode, "it_per_s": round(1 / new, 4), "s_per_it": round(new, 4),
+           "peak_memory": new_peak, "machine": machine()}
     if args.compare == "compile":
-        row.update({"eager_it_per_s": round(1 / plain, 4), "eager_peak_memory": plain_peak,
-                    "compile_speedup": round(plain / fused, 3)})
+        row.update({"eager_it_per_s": round(1 / base, 4), "eager_peak_memory": base_peak,
+                    "compile_speedup": round(base / new, 3)})
     elif args.compare == "optimizer":
-        row.update({"torch_adam_it_per_s": round(1 / plain, 4), "torch_adam_peak_memory": plain_peak,
-                    "grouped_adam_speedup": round(plain / fused, 3)})
+        row.update({"torch_adam_it_per_s": round(1 / base, 4), "torch_adam_peak_memory": base_peak,
+                    "grouped_adam_speedup": round(base / new, 3)})
     else:
-        row.update({"plain_it_per_s": round(1 / plain, 4), "plain_peak_memory": plain_peak,
-                    "fused_speedup": round(plain / fused, 3), "saved_for_backward_gib": round(fused_saved, 3),
-                    "plain_saved_for_backward_gib": round(plain_saved, 3)})
+        row.update({"plain_it_per_s": round(1 / base, 4), "plain_peak_memory": base_peak,
+                    "fused_speedup": round(base / new, 3), "saved_for_backward_gib": round(new_saved, 3),
+                    "plain_saved_for_backward_gib": round(base_saved, 3)})
     replace_row(f"joint_throughput-{args.device.split(':')[0]}", row, key)
     print(f"{args.model}" + (f" at every width {args.width} (host and dispatch overhead)" if args.width else ""))
     print("| model | device | batch | bits | activations | act. checkpointing | step | it/s | s/it | peak memory "
           "| saved for backward |\n|---|---|---|---|---|---|---|---|---|---|---|")
-    for label, t, peak, kept in ((labels[0], plain, plain_peak, plain_saved), (labels[1], fused, fused_peak, fused_saved)):
+    for label, t, peak, kept in ((labels[0], base, base_peak, base_saved), (labels[1], new, new_peak, new_saved)):
         print(f"| {args.model} | {args.device} ({torch.get_num_threads()} threads) | {args.batch} | {args.bits} | "
               f"{args.granularity} | {'on' if args.activation_checkpointing else 'off'} | {label} | {1 / t:.3f} | "
               f"{t:.3f} | {peak} | {'–' if math.isnan(kept) else f'{kept:.2f} GiB'} |")
-    print(f"\n{labels[1]} vs {labels[0]}: {plain / fused:.2f}x the iterations per second ({machine()})")
+    print(f"\n{labels[1]} vs {labels[0]}: {base / new:.2f}x the iterations per second ({machine()})")
 
 
 if __name__ == "__main__":
