@@ -1,20 +1,20 @@
-"""The compiled artifact: one zip file that loads without the model's Python class and without pickle.
+"""The compiled artifact: one zip file that loads without the model's Python class and without running code.
 
     model.vitqc
-    ├── manifest.json    model source, pipeline with every option, package versions, layers, measurements
-    ├── quantized.pt2    torch.export program of the materialized graph (integer weight codes + scales)
-    └── reference.pt2    torch.export program of the FP graph (for agreement/SQNR without the original model)
+    ├── manifest.json                    model source, pipeline with every option, package versions, layers,
+    │                                    coverage, measurements (checked against a schema on load)
+    ├── quantized/program.json           torch.export program of the materialized graph (JSON)
+    ├── quantized/weights.safetensors    its tensors: integer weight codes + scales
+    ├── reference/program.json           the FP program (agreement and SQNR without the original model)
+    └── reference/weights.safetensors
 
-``torch.export.load`` reads programs from its own serialized format (no code is unpickled). Files are
-written to a temporary file beside the target and renamed, so a failed run leaves nothing half-written.
+Nothing in the file is unpickled or executed: programs are checked before torch deserializes them
+(:mod:`vitqc.archive`). Files are written to a temporary file beside the target and renamed.
 """
 from __future__ import annotations
 
-import io
 import json
-import os
 import platform
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -24,15 +24,33 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitqc.archive import PROGRAM_JSON, member_reader, open_archive, program_members, read_manifest, read_program, write_archive
 from vitqc.errors import VitqcError
 
-FORMAT = "vitqc-artifact/1"
-__all__ = ["Artifact", "export_program", "save_artifact", "load_artifact", "check_writable", "package_versions"]
+MANIFEST = "manifest.json"
+
+FORMAT = "vitqc-artifact/2"
+__all__ = ["Artifact", "export_program", "save_artifact", "load_artifact", "package_versions", "identify",
+           "FORMAT", "MANIFEST"]
+
+# key -> (type, what it holds); checked on load so a broken manifest is one line, not a KeyError later
+_REQUIRED: dict[str, tuple[type, str]] = {
+    "format": (str, "the format tag"),
+    "model": (dict, "where the model came from"),
+    "pipeline": (dict, "the pipeline"),
+    "seed": (int, "the seed"),
+    "calibration": (dict, "the calibration record"),
+    "preprocess": (dict, "the preprocessing"),
+    "input_shape": (list, "the input shape"),
+    "layers": (list, "the layer table"),
+    "summary": (dict, "the measurements"),
+    "versions": (dict, "package versions"),
+}
 
 
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in ("vitqc", "torch", "timm", "torchao", "executorch"):
+    for name in ("vitqc", "torch", "timm", "transformers", "torchao", "executorch"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -53,41 +71,34 @@ def export_program(module: nn.Module, example: torch.Tensor) -> torch.export.Exp
         raise VitqcError(f"could not export the quantized graph with torch.export: {first}") from exc
 
 
-def check_writable(path: str | Path) -> Path:
-    """Fail early (before any long work) when the output cannot be written."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise VitqcError(f"output path {str(path)!r} is a directory; give a file name such as model.vitqc")
-    if not parent.exists():
-        raise VitqcError(f"output directory {str(parent)!r} does not exist; create it or choose another --out")
-    if not os.access(parent, os.W_OK):
-        raise VitqcError(f"output directory {str(parent)!r} is not writable; choose another --out")
-    return path
+def _check_tables(manifest: dict[str, Any], broken: str) -> None:
+    from vitqc.data import Preprocess
 
-
-def _program_bytes(program: torch.export.ExportedProgram) -> bytes:
-    buf = io.BytesIO()
-    torch.export.save(program, buf)
-    return buf.getvalue()
+    if not isinstance(manifest["pipeline"].get("name"), str):
+        raise VitqcError(f"{broken}: its manifest names no pipeline; recompile it")
+    shape = manifest["input_shape"]
+    if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise VitqcError(f"{broken}: its input shape {shape!r} is not three positive integers; recompile it")
+    for layer in manifest["layers"]:
+        if not (isinstance(layer, dict) and isinstance(layer.get("path"), str) and isinstance(layer.get("kind"), str)):
+            raise VitqcError(f"{broken}: its layer table has an entry without a path and kind; recompile it")
+    try:
+        Preprocess.from_dict(manifest["preprocess"])
+    except (VitqcError, TypeError, ValueError) as exc:
+        raise VitqcError(f"{broken}: its preprocessing is invalid ({exc}); recompile it") from None
 
 
 def save_artifact(path: str | Path, quantized: torch.export.ExportedProgram,
-                  reference: torch.export.ExportedProgram | None, manifest: dict[str, Any]) -> Path:
-    path = check_writable(path)
-    manifest = {"format": FORMAT, **manifest}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED) as zf:
-            zf.writestr("manifest.json", json.dumps(manifest, indent=2, sort_keys=False))
-            zf.writestr("quantized.pt2", _program_bytes(quantized))
-            if reference is not None:
-                zf.writestr("reference.pt2", _program_bytes(reference))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+                  reference: torch.export.ExportedProgram | None, manifest: dict[str, Any],
+                  extra: dict[str, bytes] | None = None) -> Path:
+    """Write an artifact (see the module docstring); ``manifest`` gets the format tag. ``extra`` members (the
+    report's calibration preview) are stored as they are."""
+    members = {MANIFEST: json.dumps({"format": FORMAT, **manifest}, indent=2).encode()}
+    members.update(program_members(quantized, "quantized"))
+    if reference is not None:
+        members.update(program_members(reference, "reference"))
+    members.update(extra or {})
+    return write_archive(path, members, what="artifact")
 
 
 @dataclass
@@ -108,29 +119,59 @@ class Artifact:
 
     @property
     def layer_paths(self) -> list[str]:
-        return [layer["path"] for layer in self.manifest.get("layers", []) if layer.get("kind") in ("QuantLinear", "QuantConv2d")]
+        """Paths of the weight layers (linear, conv) in the layer table, in graph order."""
+        return [layer["path"] for layer in self.manifest["layers"] if layer.get("weight_bits") is not None]
 
+    @property
+    def preprocess(self):
+        """How an image file becomes this model's input (a :class:`vitqc.data.Preprocess`)."""
+        from vitqc.data import Preprocess
 
-def is_artifact(path: str | Path) -> bool:
-    path = Path(path)
-    if not path.is_file() or not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return "manifest.json" in zf.namelist() and "quantized.pt2" in zf.namelist()
+        return Preprocess.from_dict(self.manifest["preprocess"])
 
 
 def load_artifact(path: str | Path) -> Artifact:
+    """Read an artifact; a broken or hostile one is refused in one line (nothing in it runs)."""
+    path = Path(path)
+    where = repr(str(path))
+    with open_archive(path, "artifact") as zf:
+        manifest = read_manifest(zf, where, FORMAT, _REQUIRED)
+        _check_tables(manifest, f"{where} is a broken vitqc file")
+        read = member_reader(zf, where)
+        quantized = read_program(read, "quantized", where)
+        reference = read_program(read, "reference", where) if "reference/program.json" in zf.namelist() else None
+    return Artifact(path, manifest, quantized, reference)
+
+
+def identify(path: str | Path) -> str | None:
+    """What a file is, by its content: ``artifact``, ``packed`` (a packed export), ``pte`` (ExecuTorch),
+    ``pt2`` (a torch.export archive), ``vitqc`` (a vitqc zip too broken to tell more: truncated, or its
+    manifest unreadable), or None."""
     path = Path(path)
     if not path.is_file():
-        raise VitqcError(f"artifact {str(path)!r} not found; produce one with `vitqc compile`")
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(30 + len(MANIFEST))
+    except OSError:
+        return None
+    if len(head) >= 6 and head[4:6] == b"ET":
+        return "pte"
+    # vitqc writes manifest.json as the first member: a zip local header naming it marks a vitqc file even
+    # when the archive's end (its directory) was cut off
+    starts_vitqc = head[:4] == b"PK\x03\x04" and head[30:] == MANIFEST.encode() and head[26:28] == b"\x0d\x00"
+    if not zipfile.is_zipfile(path):
+        return "vitqc" if starts_vitqc else None
     try:
         with zipfile.ZipFile(path) as zf:
-            manifest = json.loads(zf.read("manifest.json"))
-            quantized = torch.export.load(io.BytesIO(zf.read("quantized.pt2")))
-            reference = (torch.export.load(io.BytesIO(zf.read("reference.pt2")))
-                         if "reference.pt2" in zf.namelist() else None)
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, RuntimeError) as exc:
-        raise VitqcError(f"{str(path)!r} is not a readable vitqc artifact ({type(exc).__name__}); recompile it") from None
-    if manifest.get("format") != FORMAT:
-        raise VitqcError(f"{str(path)!r} has format {manifest.get('format')!r}, this vitqc reads {FORMAT!r}")
-    return Artifact(path, manifest, quantized, reference)
+            names = zf.namelist()
+            if MANIFEST in names:
+                fmt = json.loads(zf.read(MANIFEST)).get("format", "")
+                return {"vitqc-artifact": "artifact", "vitqc-packed": "packed"}.get(str(fmt).split("/")[0], "vitqc")
+            if any(n.endswith(("archive_format", "serialized_exported_program.json")) for n in names):
+                return "pt2"
+            if any(n.endswith("/" + PROGRAM_JSON) for n in names):
+                return "vitqc"  # a vitqc archive that lost its manifest
+    except (zipfile.BadZipFile, OSError, ValueError, AttributeError):
+        return "vitqc"
+    return "vitqc" if starts_vitqc else None
