@@ -23,11 +23,13 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from vitqc.errors import PassCheckFailed, VitqcError
+from vitqc.layers import LayerTable
 from vitqc.options import make_options
+from vitqc.registry import Registry
 
 __all__ = [
     "PassResult", "VitqcPass", "CompileContext", "register_pass", "get_pass", "registered_passes",
-    "graph_property", "check_property", "registered_properties", "NoOptions",
+    "graph_property", "check_property", "registered_properties", "NoOptions", "PASSES", "applied", "APPLIED",
 ]
 
 
@@ -38,30 +40,47 @@ class NoOptions:
 
 @dataclass
 class CompileContext:
-    """What passes may read besides the graph: calibration data, the FP reference, a place to record results.
+    """What passes may read besides the graph: calibration images, the FP reference, the layer table, and a
+    place to record what they measured.
 
-    ``calib`` is a list of input batches (float tensors, already preprocessed). ``reference`` is the FP
-    graph as captured (teacher for distillation, source of truth for agreement). Passes write what they
-    measured into ``record[pass_name]``; it ends up in the artifact's manifest.
+    ``calib`` holds the preprocessed calibration images as one tensor ``[N, C, H, W]`` (a list of batches is
+    joined once); passes take views of it with :meth:`calib_batches`. ``reference`` is the FP graph as captured
+    (teacher for distillation, source of truth for agreement). ``layers`` is the typed layer table
+    (``insert_quantizers`` fills it; it becomes the artifact's ``layers``). ``pipeline`` is the resolved
+    pipeline being run, so a pass that runs another pass inside (mixed precision's finalists run
+    ``joint_optimize``) uses the options the user gave that pass. Passes write what they measured into
+    ``record[pass_name]``; it ends up in the artifact's manifest.
     """
 
-    calib: list[torch.Tensor] = field(default_factory=list)
+    calib: torch.Tensor | None = None
     reference: torch.nn.Module | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     record: dict[str, Any] = field(default_factory=dict)
+    layers: LayerTable = field(default_factory=LayerTable)
+    pipeline: Any = None  # vitqc.pipeline.Pipeline (not imported here: pipeline imports this module)
     work_dir: str | None = None  # where long passes keep checkpoints
     resume: bool = False  # continue from the checkpoints in work_dir instead of starting over
     quiet: bool = False
 
-    def calib_batches(self, batch_size: int | None = None) -> list[torch.Tensor]:
-        """The calibration images re-batched to ``batch_size`` (all in one batch list if None)."""
-        if not self.calib:
+    def __post_init__(self) -> None:
+        if isinstance(self.calib, (list, tuple)):
+            self.calib = torch.cat(list(self.calib)) if self.calib else None
+
+    def calib_images(self) -> torch.Tensor:
+        """Every calibration image, ``[N, C, H, W]``."""
+        if self.calib is None or not len(self.calib):
             raise VitqcError("this pipeline needs calibration data: pass --calib images:DIR (or another source)")
-        if batch_size is None:
-            return self.calib
-        flat = torch.cat(self.calib)
-        return list(flat.split(batch_size))
+        return self.calib
+
+    def calib_batches(self, batch_size: int | None = None) -> list[torch.Tensor]:
+        """The calibration images as batches of ``batch_size`` (32 if None): views, nothing is copied."""
+        return list(self.calib_images().split(batch_size or 32))
+
+    def step_options(self, pass_name: str) -> dict[str, Any]:
+        """The options the pipeline gives its first ``pass_name`` step (empty when it has none)."""
+        steps = getattr(self.pipeline, "steps", None) or []
+        return next((dict(step.options) for step in steps if step.name == pass_name), {})
 
 
 class VitqcPass(PassBase):
@@ -85,6 +104,7 @@ class VitqcPass(PassBase):
         result = self.call(graph_module, ctx)
         if result is None:
             raise TypeError(f"pass {self.name!r} returned None; return PassResult(graph_module, modified)")
+        result.graph_module.meta.setdefault(APPLIED, []).append(self.name)
         self.check_ensures(result.graph_module)
         return result
 
@@ -108,8 +128,28 @@ class VitqcPass(PassBase):
         return f"{self.name}({json.dumps(self.options_dict())})"
 
 
+# ---------------------------------------------------------------------------------------------- history
+APPLIED = "vitqc_applied"  # gm.meta key: names of the passes run on the graph, in order
+
+
+def applied(gm: fx.GraphModule, pass_name: str) -> bool:
+    """Whether ``pass_name`` has run on ``gm`` (for properties that are about what was done to a graph, such as
+    'optimized', rather than about its structure)."""
+    return pass_name in gm.meta.get(APPLIED, [])
+
+
 # ---------------------------------------------------------------------------------------------- registry
-_PASSES: dict[str, type[VitqcPass]] = {}
+def _check_pass(name: str, cls: type[VitqcPass]) -> None:
+    if not isinstance(cls, type) or not issubclass(cls, VitqcPass):
+        raise TypeError(f"{cls!r} registered as a pass is not a VitqcPass subclass")
+    if not name.isidentifier():
+        raise TypeError(f"{cls.__qualname__}: a pass needs a `name` that is a Python identifier")
+    if not dataclasses.is_dataclass(cls.Options):
+        raise TypeError(f"{cls.__qualname__}.Options must be a dataclass")
+
+
+PASSES: Registry[type[VitqcPass]] = Registry("pass", "vitqc.passes", builtins=("vitqc.passes",),
+                                             check=_check_pass, list_command="vitqc passes")
 _PROPERTIES: dict[str, Callable[[fx.GraphModule], bool]] = {}
 _PROPERTY_DOCS: dict[str, str] = {}
 _PROPERTY_PROVIDERS: dict[str, set[str]] = {}
@@ -117,34 +157,22 @@ _PROPERTY_PROVIDERS: dict[str, set[str]] = {}
 
 def register_pass(cls: type[VitqcPass]) -> type[VitqcPass]:
     """Class decorator: make a pass available to pipelines under ``cls.name``."""
-    if not cls.name or not cls.name.isidentifier():
-        raise TypeError(f"{cls.__qualname__}: a pass needs a `name` that is a Python identifier")
-    if not dataclasses.is_dataclass(cls.Options):
-        raise TypeError(f"{cls.__qualname__}.Options must be a dataclass")
-    known = _PASSES.get(cls.name)
-    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
-        raise TypeError(f"pass name {cls.name!r} is taken by {known.__module__}.{known.__qualname__}")
-    _PASSES[cls.name] = cls
+    PASSES.register(cls)
     for prop in cls.ensures:
         _PROPERTY_PROVIDERS.setdefault(prop, set()).add(cls.name)
     return cls
 
 
 def _load_builtin_passes() -> None:
-    import vitqc.passes  # noqa: F401  (imports every module in the package, which registers its passes)
+    PASSES.names()  # imports every module of vitqc.passes (which registers its passes) and the plugins
 
 
 def get_pass(name: str) -> type[VitqcPass]:
-    _load_builtin_passes()
-    try:
-        return _PASSES[name]
-    except KeyError:
-        raise VitqcError(f"unknown pass {name!r}; `vitqc passes` lists them ({', '.join(sorted(_PASSES))})") from None
+    return PASSES.get(name)
 
 
 def registered_passes() -> dict[str, type[VitqcPass]]:
-    _load_builtin_passes()
-    return dict(sorted(_PASSES.items()))
+    return PASSES.items()
 
 
 def graph_property(name: str) -> Callable[[Callable[[fx.GraphModule], bool]], Callable[[fx.GraphModule], bool]]:
