@@ -107,9 +107,8 @@ def _rows(x: torch.Tensor) -> set[bytes]:
 
 def test_calibration_uses_train_split_only(split):
     x_train, y_train, x_test, _ = split
-    batches = demo.demo_calibration(size=100, seed=0, batch_size=32)
-    assert [len(b) for b in batches] == [32, 32, 32, 4]
-    chosen = torch.cat(batches)
+    chosen, held = demo.demo_calibration(size=100, seed=0)
+    assert len(chosen) == 100 and held is None
     rows = _rows(chosen)
     assert len(rows) == 100
     assert rows <= _rows(x_train) and not rows & _rows(x_test)
@@ -117,10 +116,13 @@ def test_calibration_uses_train_split_only(split):
     label_of = {row: int(label) for row, label in zip(_rows_list(x_train), y_train)}
     assert Counter(label_of[r] for r in _rows_list(chosen)) == {c: 10 for c in range(10)}
     # seeded
-    assert all(torch.equal(a, b) for a, b in zip(batches, demo.demo_calibration(100, 0, 32)))
-    assert not torch.equal(chosen, torch.cat(demo.demo_calibration(100, 1, 32)))
-    assert sum(len(b) for b in demo.demo_calibration(None, 0)) == 1297
-    assert sum(len(b) for b in demo.demo_calibration(5000, 0)) == 1297
+    assert torch.equal(chosen, demo.demo_calibration(100, 0)[0])
+    assert not torch.equal(chosen, demo.demo_calibration(100, 1)[0])
+    assert len(demo.demo_calibration(None, 0)[0]) == 1297
+    assert len(demo.demo_calibration(5000, 0)[0]) == 1297
+    # held-out images follow the calibration ones in the same order, never the same images
+    same, held = demo.demo_calibration(100, 0, holdout=20)
+    assert torch.equal(same, chosen) and len(held) == 20 and not _rows(held) & rows
 
 
 def _rows_list(x: torch.Tensor) -> list[bytes]:

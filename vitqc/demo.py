@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitqc.calib.spec import Calibration, register_source
 from vitqc.data import Preprocess, balanced_order
 from vitqc.errors import VitqcError
 
@@ -207,19 +208,28 @@ def demo_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
     return tuple(t.clone() for t in _split_arrays())  # type: ignore[return-value]
 
 
-def demo_calibration(size: int | None, seed: int, batch_size: int = 32) -> list[torch.Tensor]:
-    """``size`` train-split images (all when None or more than available), a seeded choice balanced
-    across the ten classes, as batches."""
+def demo_calibration(size: int | None, seed: int, holdout: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``size`` train-split images (all but ``holdout`` when None), a seeded choice balanced across the ten
+    classes, and ``holdout`` more after them in the same order (or None)."""
     if size is not None and size < 1:
         raise VitqcError(f"calibration size {size} is not positive: pass a size of at least 1 (or all)")
-    if batch_size < 1:
-        raise VitqcError(f"batch size {batch_size} is not positive: pass a batch size of at least 1")
     x_train, y_train, _, _ = _split_arrays()
     order = balanced_order(y_train.tolist(), seed)
-    if size is not None:
-        order = order[:size]
-    chosen = x_train[torch.tensor(order, dtype=torch.long)]
-    return [chosen[i : i + batch_size].clone() for i in range(0, len(chosen), batch_size)]
+    size = len(order) - holdout if size is None else min(size, len(order))
+    chosen = x_train[torch.tensor(order[: size + holdout], dtype=torch.long)].clone()
+    return chosen[:size], (chosen[size:] if len(chosen) > size else None)
+
+
+@register_source
+class DemoSource:
+    name = "demo"
+    summary = "the demo model's own train split (the default for `vitqc compile demo`)"
+
+    @classmethod
+    def draw(cls, value: str | None, *, size: int | None, holdout: int | None, seed: int, **_: object):
+        # the demo's measurements use its test split, so nothing is held out unless asked
+        images, held_out = demo_calibration(size, seed, holdout or 0)
+        return Calibration(images, held_out, {"source": "demo", "split": "train"})
 
 
 def demo_eval_batches(batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -9,7 +9,8 @@ from PIL import Image
 from tests.conftest import tiny_vit
 from vitqc.calib.cache import plan_shards, read_manifest, write_cache
 from vitqc.calib.noise import NoiseSource
-from vitqc.data import ImageFolderData, Preprocess, load_calibration
+from vitqc.calib.images import load_images
+from vitqc.data import ImageFolderData, Preprocess
 from vitqc.errors import VitqcError
 
 PRE = Preprocess(input_size=(3, 16, 16), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -62,7 +63,7 @@ def test_layout_manifest_and_pixels(tmp_path):
     # an ordinary ImageFolder for calibration: classes in index order, manifest and markers ignored
     data = ImageFolderData(root, require_classes=False)
     assert data.classes == m["folders"] and len(data) == 20
-    assert sum(len(b) for b in load_calibration(root, PRE, size=None, seed=0, progress=False)) == 20
+    assert len(load_images(root, PRE, size=None, seed=0, quiet=True)[0]) == 20
 
 
 def test_killed_run_resumes_with_only_the_missing_shards(tmp_path):

@@ -30,13 +30,15 @@ def test_generate_then_compile_from_the_cache(tmp_path, capsys):
 def test_compile_calibration_from_a_generated_source():
     """What `vitqc compile --calib noise --calib-size 20` calibrates with (the compile itself is tested above)."""
     from vitqc import demo
-    from vitqc.cli.main import _calibration
+    from vitqc.calib.spec import draw
 
-    batches, info = _calibration("noise", demo.demo_preprocess(), 20, 0, demo.load_demo_model())
-    assert sum(len(b) for b in batches) == 20 and batches[0].shape[1:] == (1, 8, 8)
-    assert info["source"] == "noise" and info["classes"] == 10
-    batches, info = _calibration("inversion:steps=2,batch_size=8", demo.demo_preprocess(), None, 0, demo.load_demo_model())
-    assert sum(len(b) for b in batches) == 256 and info["options"]["steps"] == 2  # 256 images by default
+    cal = draw("noise", model=demo.load_demo_model(), preprocess=demo.demo_preprocess(), size=20, seed=0)
+    assert len(cal.images) == 20 and cal.images.shape[1:] == (1, 8, 8)
+    assert cal.record["source"] == "noise" and cal.record["classes"] == 10
+    assert len(cal.holdout) == 8 and cal.record["held_out"] == 8  # default: a tenth, at least 8
+    cal = draw("inversion:steps=2,batch_size=8", model=demo.load_demo_model(), preprocess=demo.demo_preprocess(),
+               holdout=0, seed=0)
+    assert len(cal.images) == 256 and cal.holdout is None and cal.record["options"]["steps"] == 2  # 256 by default
 
 
 @pytest.mark.parametrize("args, message", [

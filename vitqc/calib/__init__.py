@@ -19,7 +19,6 @@ returns normalised batches for ``vitqc.compile``; :mod:`vitqc.calib.cache` write
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import random
 import time
@@ -33,15 +32,9 @@ from vitqc.data import Preprocess
 from vitqc.errors import VitqcError
 from vitqc.options import make_options
 
-__all__ = ["Source", "SOURCES", "get_source", "make_source", "plan_items", "generate", "calibration_batches",
+__all__ = ["Source", "get_source", "make_source", "plan_items", "generate", "calibration_batches",
            "item_seed", "default_device"]
 
-SOURCES = {
-    "noise": "vitqc.calib.noise:NoiseSource",
-    "inversion": "vitqc.calib.inversion:InversionSource",
-    "prompts": "vitqc.calib.prompts:PromptSource",
-    "learned-prompts": "vitqc.calib.learned_prompts:LearnedPromptSource",
-}
 
 
 def default_device() -> torch.device:
@@ -104,6 +97,24 @@ class Source:
         """Images [B, C, H, W], float32 on the CPU in [0, 1], at the model's input size."""
         raise NotImplementedError
 
+    default_size = 256  # images drawn for ``--calib KIND`` without --calib-size
+
+    @classmethod
+    def draw(cls, value: str | None, *, model: nn.Module, preprocess: Preprocess, size: int | None,
+             holdout: int | None, seed: int, class_names=None, diffusion=None, device=None, quiet: bool = False):
+        """``--calib KIND[:VALUE]``: ``size`` generated images for the passes and ``holdout`` more after them
+        in the same class-balanced plan for measurements (a :class:`~vitqc.calib.spec.Calibration`)."""
+        from vitqc.calib.spec import Calibration, default_holdout, make_cli_source
+
+        size = cls.default_size if size is None else size
+        holdout = default_holdout(size) if holdout is None else holdout
+        source = make_cli_source(cls.name, value, model, preprocess, class_names=class_names, diffusion=diffusion,
+                                 seed=seed, device=device, quiet=quiet)
+        batches, info = calibration_batches(source, model, preprocess, source.class_names, size + holdout,
+                                            quiet=quiet)
+        images = torch.cat(batches)
+        return Calibration(images[:size], images[size:] if holdout else None, info)
+
     # helpers for subclasses
     def item_generator(self, label: int, index: int, device: torch.device | None = None) -> torch.Generator:
         g = torch.Generator(device=device or "cpu")
@@ -124,11 +135,13 @@ class Source:
 
 
 def get_source(kind: str) -> type[Source]:
-    """The :class:`Source` class registered for ``kind`` (noise, inversion, prompts, learned-prompts)."""
-    if kind not in SOURCES:
-        raise VitqcError(f"unknown calibration source {kind!r}: use one of {', '.join(SOURCES)}")
-    module, cls = SOURCES[kind].split(":")
-    return getattr(importlib.import_module(module), cls)
+    """The data-free :class:`Source` class registered for ``kind`` (noise, inversion, prompts, learned-prompts)."""
+    from vitqc.calib.spec import SOURCES
+
+    cls = SOURCES.get(kind)
+    if not (isinstance(cls, type) and issubclass(cls, Source)):
+        raise VitqcError(f"calibration source {kind!r} reads existing images; it generates none")
+    return cls
 
 
 def make_source(kind: str, model: nn.Module, preprocess: Preprocess, class_names: Sequence[str], **kwargs) -> Source:

@@ -220,7 +220,7 @@ def describe_cache(directory: str | Path) -> dict | None:
     if manifest is None:
         return None
     if manifest.get("status") != "complete":
-        from vitqc.data import warn
+        from vitqc.console import warn
 
         p = manifest.get("progress", {})
         warn(f"{directory} is an unfinished {manifest.get('source')} cache ({p.get('done')}/{p.get('shards')} shards): "

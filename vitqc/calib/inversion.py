@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from vitqc.calib import Source, item_seed
+from vitqc.calib.spec import register_source
 from vitqc.calib.features import forward, normalise
 from vitqc.calib.noise import noise_stats
 
@@ -151,8 +152,10 @@ def coarse_factor(model: torch.nn.Module, coarse: int) -> int:
     return max(1, min(coarse, side // 2))
 
 
+@register_source
 class InversionSource(Source):
     name = "inversion"
+    summary = "images optimized from noise against the FP model (class targets + patch contrast); no weights needed"
     Options = InversionOptions
 
     def _init_logits(self, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

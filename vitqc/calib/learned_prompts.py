@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from vitqc.calib import Source, item_seed
+from vitqc.calib.spec import register_source
 from vitqc.calib import distributed as dist
 from vitqc.calib.classes import prompt_name
 from vitqc.calib.diffusion import DiffusionSource
@@ -94,8 +95,10 @@ def diversity_loss(x: torch.Tensor, anchor: torch.Tensor | None = None) -> torch
     return cos[:, mask].pow(2).mean()
 
 
+@register_source
 class LearnedPromptSource(DiffusionSource, Source):
     name = "learned-prompts"
+    summary = "SD-Turbo images from prompt embeddings learned per class (needs the SD-Turbo weights)"
     Options = LearnedPromptOptions
     needs_class_names = True
 

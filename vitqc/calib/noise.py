@@ -12,6 +12,7 @@ from typing import ClassVar
 import torch
 
 from vitqc.calib import Source
+from vitqc.calib.spec import register_source
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,8 +41,10 @@ def noise_stats(preprocess, mean=None, std=None) -> tuple[tuple[float, ...], tup
     return mean, std
 
 
+@register_source
 class NoiseSource(Source):
     name = "noise"
+    summary = "Gaussian noise images: the floor every other source must beat"
     Options = NoiseOptions
 
     def generate_batch(self, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

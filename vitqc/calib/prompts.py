@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from vitqc.calib import Source, item_seed
+from vitqc.calib.spec import register_source
 from vitqc.calib.classes import prompt_name
 from vitqc.calib.diffusion import DiffusionSource
 
@@ -53,8 +54,10 @@ class PromptOptions:
     limits: ClassVar[dict[str, str]] = {"batch_size": ">= 1", "resolution": ">= 8"}
 
 
+@register_source
 class PromptSource(DiffusionSource, Source):
     name = "prompts"
+    summary = 'SD-Turbo images of "a photo of a <class>" prompts (needs the SD-Turbo weights)'
     Options = PromptOptions
     needs_class_names = True
 
