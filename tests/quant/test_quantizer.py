@@ -342,15 +342,15 @@ def test_observation_subsample_is_bounded() -> None:
     q = sym4(init="mse", max_samples=500).observe(True)
     for _ in range(5):
         q(torch.randn(4, 300))
-    assert q._samples is not None and q._samples.numel() <= 500
+    assert q.observed_samples is not None and q.observed_samples.numel() <= 500
     qc = sym4(granularity="channel", ch_axis=-1, init="mse", max_samples=500).observe(True)
     for _ in range(5):
         qc(torch.randn(4, 30, 10))
-    assert qc._samples is not None and qc._samples.numel() <= 500 and qc._samples.shape[0] == 10
+    assert qc.observed_samples is not None and qc.observed_samples.numel() <= 500 and qc.observed_samples.shape[0] == 10
     qt = sym4(granularity="token", init="mse", max_samples=500).observe(True)
     for _ in range(5):
         qt(torch.randn(4, 30, 10))
-    assert qt._samples is not None and qt._samples.numel() <= 500 and qt._samples.shape[1] == 10
+    assert qt.observed_samples is not None and qt.observed_samples.numel() <= 500 and qt.observed_samples.shape[1] == 10
     for quant in (q, qc, qt):
         quant.observe(False).init_from_observed()
         assert quant.is_initialized

@@ -28,21 +28,20 @@ Conventions the rest of vitqc relies on:
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from vitqc.quant.fused import fake_quant_static, fake_quant_token, fused_enabled
-from vitqc.quant.intops import token_qparams
+from vitqc.quant.intops import EPS as _EPS, token_qparams
+from vitqc.quant.observer import Observer, as_units
+from vitqc.quant.ranges import mse_range, percentile_range, qparams_for_range, token_clip_ratio
 
 __all__ = ["UniformQuantizer", "round_ste", "grad_scale", "TERNARY_BITS", "VALID_BITS"]
 
 TERNARY_BITS = 1.58
 VALID_BITS: tuple[float, ...] = (TERNARY_BITS, 2, 3, 4, 5, 6, 7, 8)
-_EPS = 1e-8  # smallest scale ever used; also the scale given to an all-zero range
-_MSE_GRID = 100  # number of clipping ratios tried by the mse search, linspace(0.01, 1)
 
 Granularity = Literal["tensor", "channel", "token"]
 InitMethod = Literal["minmax", "percentile", "mse"]
@@ -70,47 +69,6 @@ def grad_scale(x: Tensor, g: float) -> Tensor:
         return x
     xg = x * g
     return x.detach() + (xg - xg.detach())
-
-
-def _qparams(lo: Tensor, hi: Tensor, qmin: int, qmax: int, symmetric: bool) -> tuple[Tensor, Tensor]:
-    """Scale (>= _EPS) and integer-valued zero point for the range [lo, hi]; conventions in the module docstring."""
-    if symmetric:
-        amax = torch.maximum(lo.abs(), hi.abs())
-        s = amax / qmax
-        s = torch.where(s > _EPS, s, torch.full_like(s, _EPS))
-        return s, torch.zeros_like(s)
-    lo = lo.clamp(max=0.0)
-    hi = hi.clamp(min=0.0)
-    s = (hi - lo) / (qmax - qmin)
-    s = torch.where(s > _EPS, s, torch.full_like(s, _EPS))
-    z = (qmin - torch.round(lo / s)).clamp(qmin, qmax)
-    return s, z
-
-
-def _fake_quant(x: Tensor, s: Tensor, z: Tensor, qmin: int, qmax: int) -> Tensor:
-    """Hard fake quantization without gradient tricks (used by the init searches)."""
-    return (torch.clamp(torch.round(x / s) + z, qmin, qmax) - z) * s
-
-
-def _quantile(x: Tensor, q: float, dim: int = -1) -> Tensor:
-    """Linear-interpolation quantile along ``dim`` (``torch.quantile`` refuses inputs above 16M elements)."""
-    n = x.shape[dim]
-    srt = x.sort(dim=dim).values
-    pos = q * (n - 1)
-    i0 = int(math.floor(pos))
-    i1 = min(i0 + 1, n - 1)
-    frac = pos - i0
-    v0 = srt.select(dim, i0)
-    v1 = srt.select(dim, i1)
-    return v0 + (v1 - v0) * frac
-
-
-def _token_fake_quant(x: Tensor, ratio: Tensor | float, qmin: int, qmax: int, symmetric: bool) -> Tensor:
-    """Hard dynamic per-token fake quantization (rows of the last dim), for the clip-ratio search."""
-    _, s, z = token_qparams(x, ratio, qmin, qmax, symmetric)
-    if z is None:
-        return torch.clamp(torch.round(x / s), qmin, qmax) * s
-    return _fake_quant(x, s, z, qmin, qmax)
 
 
 class UniformQuantizer(nn.Module):
@@ -178,11 +136,9 @@ class UniformQuantizer(nn.Module):
         # Python mirror of `initialized`: forward must not branch on a tensor (torch.export).
         self._is_init = False
 
-        # Observer state: plain attributes, deliberately not in state_dict.
+        # Observer state: a plain attribute, deliberately not in state_dict.
         self._observing = False
-        self._seed = int(seed)
-        self._gen = torch.Generator().manual_seed(seed)
-        self.reset_observer()
+        self._observer = Observer(granularity, self.ch_axis, self.max_samples, int(seed))
 
     # ------------------------------------------------------------------ integer range
 
@@ -237,7 +193,7 @@ class UniformQuantizer(nn.Module):
         if not self.enabled:
             return x
         if self._observing:
-            self._record(x)
+            self._observer.record(x)
             return x
         if not self._is_init:
             raise RuntimeError(
@@ -396,12 +352,10 @@ class UniformQuantizer(nn.Module):
 
     def observe(self, enabled: bool = True) -> "UniformQuantizer":
         """Enter (``True``) or leave (``False``) observing mode. While observing, forward returns its input
-        unchanged and records statistics. Entering afresh discards previously recorded statistics and
-        restarts the subsample's random stream, so what a calibration records does not depend on how often
-        the quantizer observed before (e.g. during a search)."""
+        unchanged and records statistics (:class:`~vitqc.quant.observer.Observer`). Entering afresh discards
+        previously recorded statistics and restarts the subsample's random stream."""
         if enabled and not self._observing:
-            self.reset_observer()
-            self._gen.manual_seed(self._seed)
+            self._observer.start()
         self._observing = bool(enabled)
         return self
 
@@ -409,63 +363,14 @@ class UniformQuantizer(nn.Module):
     def observing(self) -> bool:
         return self._observing
 
+    @property
+    def observed_samples(self) -> Tensor | None:
+        """The recorded subsample (values, channel columns or token rows), or None."""
+        return self._observer.samples
+
     def reset_observer(self) -> None:
         """Drop recorded statistics (running min/max and the value subsample)."""
-        self._run_min: Tensor | None = None
-        self._run_max: Tensor | None = None
-        self._samples: Tensor | None = None  # tensor: [k]; channel: [C, k]; token: [k, D]
-        self._seen = 0  # units (values / channel columns / token rows) seen so far
-
-    def _units(self, x: Tensor) -> tuple[Tensor, int]:
-        """``x`` as sampling units along dim ``udim`` (returned): values, channel columns or token rows."""
-        if self.granularity == "tensor":
-            return x.reshape(-1), 0
-        if self.granularity == "channel":
-            axis = self.ch_axis if self.ch_axis >= 0 else self.ch_axis + x.dim()
-            return x.movedim(axis, 0).reshape(x.shape[axis], -1), 1
-        return x.reshape(-1, x.shape[-1]), 0
-
-    def _pick(self, t: Tensor, k: int, dim: int) -> Tensor:
-        n = t.shape[dim]
-        if n <= k:
-            return t
-        if n <= 8 * k:
-            idx = torch.randperm(n, generator=self._gen)[:k]
-        else:  # randperm of a huge activation costs memory; with replacement is fine for n >> k
-            idx = torch.randint(n, (k,), generator=self._gen)
-        return t.index_select(dim, idx.to(t.device))
-
-    @torch.no_grad()
-    def _record(self, x: Tensor) -> None:
-        x = x.detach().float()
-        if x.numel() == 0:
-            return
-        units, udim = self._units(x)
-        if self.granularity == "channel":
-            mn, mx = units.amin(1), units.amax(1)
-            if self._run_min is not None and self._run_min.shape != mn.shape:
-                raise RuntimeError(f"observed {mn.numel()} channels, previously {self._run_min.numel()}")
-        else:
-            mn, mx = x.amin(), x.amax()
-        self._run_min = mn if self._run_min is None else torch.minimum(self._run_min, mn)
-        self._run_max = mx if self._run_max is None else torch.maximum(self._run_max, mx)
-
-        # Bounded, approximately uniform subsample over all batches: the budget is split between the
-        # old sample and this batch in proportion to how many units each stands for.
-        per_unit = 1 if self.granularity == "tensor" else units.numel() // units.shape[udim]
-        cap = max(1, self.max_samples // max(per_unit, 1))
-        n_new = units.shape[udim]
-        total = self._seen + n_new
-        if self._samples is None:
-            merged = self._pick(units, cap, udim)
-        elif total <= cap:
-            merged = torch.cat([self._samples, units], udim)
-        else:
-            k_new = max(1, round(cap * n_new / total))
-            old = self._pick(self._samples, cap - k_new, udim)
-            merged = torch.cat([old, self._pick(units, cap - old.shape[udim], udim)], udim)
-        self._samples = merged
-        self._seen = total
+        self._observer.reset()
 
     def init_from_observed(self, keep_observations: bool = False) -> "UniformQuantizer":
         """Set the quantization parameters from the statistics recorded while observing, with the ``init``
@@ -473,9 +378,10 @@ class UniformQuantizer(nn.Module):
         another bit width)."""
         if self._observing:
             raise RuntimeError("call observe(False) before init_from_observed()")
-        if self._samples is None or self._run_min is None or self._run_max is None:
+        obs = self._observer
+        if obs.empty:
             raise RuntimeError("init_from_observed(): nothing was observed (run calibration batches in observe mode)")
-        self._initialize(self._samples, self._run_min, self._run_max)
+        self._initialize(obs.samples, obs.lo, obs.hi)
         if not keep_observations:
             self.reset_observer()
         return self
@@ -508,7 +414,7 @@ class UniformQuantizer(nn.Module):
         w = w.detach().float()
         if w.numel() == 0:
             raise ValueError("init_from_tensor(): empty tensor")
-        units, udim = self._units(w)
+        units, _ = as_units(w, self.granularity, self.ch_axis)
         if self.granularity == "channel":
             lo, hi = units.amin(1), units.amax(1)
         else:
@@ -520,61 +426,18 @@ class UniformQuantizer(nn.Module):
     def _initialize(self, samples: Tensor, lo: Tensor, hi: Tensor) -> None:
         qmin, qmax = self.qmin, self.qmax
         if self.granularity == "token":
-            self._set("clip_ratio", torch.tensor(self._token_ratio(samples, qmin, qmax)), param=True)
+            ratio = token_clip_ratio(samples, self.init_method, self.percentile, qmin, qmax, self.symmetric)
+            self._set("clip_ratio", torch.tensor(ratio), param=True)
         else:
             if self.init_method == "percentile":
-                lo, hi = self._percentile_range(samples)
+                lo, hi = percentile_range(samples, self.percentile, self.symmetric)
             elif self.init_method == "mse":
-                lo, hi = self._mse_range(samples, lo, hi, qmin, qmax)
-            s, z = _qparams(lo, hi, qmin, qmax, self.symmetric)
+                lo, hi = mse_range(samples, lo, hi, qmin, qmax, self.symmetric, self.granularity == "channel")
+            s, z = qparams_for_range(lo, hi, qmin, qmax, self.symmetric)
             self._set("scale", s, param=True)
             self._set("zero_point", z, param=not self.symmetric)
         self.initialized.fill_(True)
         self._is_init = True
-
-    def _percentile_range(self, samples: Tensor) -> tuple[Tensor, Tensor]:
-        p = self.percentile / 100.0
-        if self.symmetric:
-            amax = _quantile(samples.abs(), p)
-            return -amax, amax
-        return _quantile(samples, 1.0 - p), _quantile(samples, p)
-
-    def _mse_range(self, samples: Tensor, lo: Tensor, hi: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
-        """Best ``alpha * [lo, hi]`` over a grid of clipping ratios (per channel for channel granularity)."""
-        alphas = torch.linspace(0.01, 1.0, _MSE_GRID).tolist()
-        col = (lambda t: t.unsqueeze(1)) if self.granularity == "channel" else (lambda t: t)
-        best_err: Tensor | None = None
-        best_alpha = torch.ones_like(lo)
-        for a in alphas:
-            s, z = _qparams(lo * a, hi * a, qmin, qmax, self.symmetric)
-            err = (_fake_quant(samples, col(s), col(z), qmin, qmax) - samples).pow(2)
-            err = err.mean(1) if self.granularity == "channel" else err.mean()
-            if best_err is None:
-                best_err, best_alpha = err, torch.full_like(lo, a)
-            else:
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_alpha = torch.where(better, torch.full_like(lo, a), best_alpha)
-        return lo * best_alpha, hi * best_alpha
-
-    def _token_ratio(self, rows: Tensor, qmin: int, qmax: int) -> float:
-        if self.init_method == "minmax":
-            return 1.0
-        if self.init_method == "percentile":
-            p = self.percentile / 100.0
-            if self.symmetric:
-                full, clipped = rows.abs().amax(-1), _quantile(rows.abs(), p)
-            else:
-                full = rows.amax(-1).clamp(min=0) - rows.amin(-1).clamp(max=0)
-                clipped = _quantile(rows, p).clamp(min=0) - _quantile(rows, 1.0 - p).clamp(max=0)
-            keep = full > 0
-            return float((clipped[keep] / full[keep]).mean()) if bool(keep.any()) else 1.0
-        best_a, best_err = 1.0, math.inf
-        for a in torch.linspace(0.01, 1.0, _MSE_GRID).tolist():
-            err = float((_token_fake_quant(rows, a, qmin, qmax, self.symmetric) - rows).pow(2).mean())
-            if err < best_err:
-                best_a, best_err = a, err
-        return best_a
 
     def _set(self, name: str, value: Tensor, *, param: bool) -> None:
         """Write ``value`` into parameter/buffer ``name``: in place when the shape matches (keeps the object
