@@ -6,6 +6,11 @@ import torch
 import vitqc
 from tests.conftest import crash_after, run_cli, tiny_vit
 from vitqc.passes import mixed_precision_search as mps
+from vitqc.precision.budget import Budget
+from vitqc.precision.evolution import SearchState
+from vitqc.precision.fitness import patch_contrastive, sensitivity_seeds
+from vitqc.precision.genes import Gene
+from vitqc.precision.table import assignment_table
 from vitqc.pipeline import Pipeline, load_pipeline
 from vitqc.quant.modules import INT_LAYERS, QUANT_LAYERS
 
@@ -19,7 +24,7 @@ def search_pipeline(**options):
 
 
 def searched(calib, **options):
-    gm = vitqc.compile(tiny_vit(), search_pipeline(**options), calib, quiet=True)
+    gm = vitqc.compile(tiny_vit(), search_pipeline(**options), calib, quiet=True).quantized
     return gm, gm.meta["vitqc"]["record"]
 
 
@@ -69,19 +74,19 @@ def test_model_size_budget(calib):
 
 def test_resume_continues_to_the_same_result(tmp_path, calib, monkeypatch):
     pipe = search_pipeline(generations=4)
-    uninterrupted = vitqc.compile(tiny_vit(), pipe, calib, quiet=True).meta["vitqc"]["record"]["mixed_precision_search"]
-    crash_after(monkeypatch, mps._SearchState, "save", lambda state: state.generation == 2)
+    uninterrupted = vitqc.compile(tiny_vit(), pipe, calib, quiet=True).quantized.meta["vitqc"]["record"]["mixed_precision_search"]
+    crash_after(monkeypatch, SearchState, "save", lambda state: state.generation == 2)
     with pytest.raises(KeyboardInterrupt):
-        vitqc.compile(tiny_vit(), pipe, calib, quiet=True, work_dir=str(tmp_path))
+        vitqc.compile(tiny_vit(), pipe, calib, quiet=True, work_dir=str(tmp_path)).quantized
     monkeypatch.undo()
-    resumed = vitqc.compile(tiny_vit(), pipe, calib, quiet=True, work_dir=str(tmp_path), resume=True)
+    resumed = vitqc.compile(tiny_vit(), pipe, calib, quiet=True, work_dir=str(tmp_path), resume=True).quantized
     r = resumed.meta["vitqc"]["record"]["mixed_precision_search"]
     assert r["resumed_from"] == 2
     assert r["layers"] == uninterrupted["layers"] and r["best_per_generation"] == uninterrupted["best_per_generation"]
 
     with pytest.raises(vitqc.VitqcError, match="other mixed_precision_search options"):
         vitqc.compile(tiny_vit(), search_pipeline(generations=4, population=7), calib, quiet=True,
-                      work_dir=str(tmp_path), resume=True)
+                      work_dir=str(tmp_path), resume=True).quantized
 
 
 def test_bad_options_fail_with_one_line(calib):
@@ -94,9 +99,9 @@ def test_bad_options_fail_with_one_line(calib):
 
 
 def test_repair_and_fill_fits_and_leaves_no_room():
-    genes = [mps.Gene(f"l{i}", "weight", [], size, [3, 4, 6, 8]) for i, size in enumerate((100, 50, 10))]
-    genes.append(mps.Gene("a", "act", [], 10, [4, 8]))
-    budget = mps.Budget(genes, mps.MixedPrecisionSearchOptions(weight_bits=5.0, act_bits=4.0), 0.0)
+    genes = [Gene(f"l{i}", "weight", [], size, [3, 4, 6, 8]) for i, size in enumerate((100, 50, 10))]
+    genes.append(Gene("a", "act", [], 10, [4, 8]))
+    budget = Budget(genes, mps.MixedPrecisionSearchOptions(weight_bits=5.0, act_bits=4.0), 0.0)
     rng = random.Random(0)
     for _ in range(50):
         genome = budget.repair_and_fill([rng.randrange(4), rng.randrange(4), rng.randrange(4), rng.randrange(2)], rng)
@@ -113,15 +118,15 @@ def test_patch_contrastive_prefers_matching_tokens():
     teacher = torch.randn(2, 9, 16, generator=g)
     close = teacher + 0.05 * torch.randn(2, 9, 16, generator=g)
     shuffled = close[:, torch.randperm(9, generator=g)]
-    assert mps.patch_contrastive(close, teacher, 0.1) < mps.patch_contrastive(shuffled, teacher, 0.1)
-    assert mps.patch_contrastive(teacher, teacher, 0.1) < 0.05  # own token far more similar than the others
+    assert patch_contrastive(close, teacher, 0.1) < patch_contrastive(shuffled, teacher, 0.1)
+    assert patch_contrastive(teacher, teacher, 0.1) < 0.05  # own token far more similar than the others
 
 
 def test_mp_joint_pipeline_ends_materialized_with_mixed_widths(calib):
     pipe = load_pipeline("mp-joint").with_overrides([
         "mixed_precision_search.population=4", "mixed_precision_search.generations=2",
         "mixed_precision_search.images=32", "joint_optimize.iterations=3", "joint_optimize.batch_size=8"])
-    gm = vitqc.compile(tiny_vit(), pipe, calib, quiet=True)
+    gm = vitqc.compile(tiny_vit(), pipe, calib, quiet=True).quantized
     widths = {m.weight_bits for m in gm.modules() if isinstance(m, INT_LAYERS)}
     record = gm.meta["vitqc"]["record"]
     assert record["mixed_precision_search"]["average_weight_bits"] <= 4.0 + 1e-9
@@ -139,7 +144,7 @@ def test_a_search_with_one_choice_leaves_the_rest_of_the_pipeline_unchanged(cali
             steps.append(("mixed_precision_search", {"population": 2, "elite": 1, "generations": 1, "images": 32,
                                                      "weight_choices": [4], "act_choices": [4]}))
         steps += [("calibrate", {"method": "mse", "max_images": 32})]
-        gm = vitqc.compile(tiny_vit(), Pipeline.from_list(steps), calib, quiet=True)
+        gm = vitqc.compile(tiny_vit(), Pipeline.from_list(steps), calib, quiet=True).quantized
         return {k: v for k, v in gm.state_dict().items()}
 
     plain, searched_state = run(False), run(True)
@@ -161,7 +166,7 @@ def test_assignment_table_lists_every_searched_layer(calib):
 
     record = searched(calib)[1]["mixed_precision_search"]
     console = Console(record=True, width=200)
-    console.print(mps.assignment_table(record))
+    console.print(assignment_table(record))
     text = console.export_text()
     for row in record["layers"]:
         assert row["path"] in text
@@ -181,11 +186,11 @@ def test_sensitivity_seeds_fit_the_budget_and_the_search_records_their_cost(cali
 def test_the_sensitivity_climb_only_keeps_improvements():
     """On a made-up fitness where raising gene 0 helps most and lowering 1 and 2 costs less than that, the climb
     moves 0 up (two bits), pays with 1 and 2, and returns only assignments better than uniform."""
-    genes = [mps.Gene(f"l{i}", "weight", [], 100, [3, 4, 6]) for i in range(3)]
-    budget = mps.Budget(genes, mps.MixedPrecisionSearchOptions(weight_bits=4.0), 0.0)
+    genes = [Gene(f"l{i}", "weight", [], 100, [3, 4, 6]) for i in range(3)]
+    budget = Budget(genes, mps.MixedPrecisionSearchOptions(weight_bits=4.0), 0.0)
     cost = {0: {0: 1.0, 1: 0.0, 2: -2.0}, 1: {0: 0.1, 1: 0.0, 2: -0.05}, 2: {0: 0.5, 1: 0.0, 2: -0.01}}
     fitness = lambda genome: 5.0 + sum(cost[i][c] for i, c in enumerate(genome))  # noqa: E731
-    seeds, evaluations = mps.sensitivity_seeds(genes, budget, (1, 1, 1), fitness, quiet=True)
+    seeds, evaluations = sensitivity_seeds(genes, budget, (1, 1, 1), fitness, quiet=True)
     assert seeds == [(2, 0, 0)] and fitness(seeds[0]) < fitness((1, 1, 1)) and budget.fits(seeds[0])
     assert evaluations == 1 + 6 + 1  # uniform, one down and one up per gene, one climb step (1 and 2 are spent)
 
@@ -195,7 +200,7 @@ def test_finalists_are_rescored_after_a_short_joint_optimization(calib):
               "channel_rescale", "weight_refine"]
     search = ("mixed_precision_search", {"population": 6, "generations": 3, "images": 32, "finalists": 2,
                                          "finalist_iterations": 3, "finalist_batch_size": 8})
-    gm = vitqc.compile(tiny_vit(), Pipeline.from_list(prefix + [search]), calib, quiet=True)
+    gm = vitqc.compile(tiny_vit(), Pipeline.from_list(prefix + [search]), calib, quiet=True).quantized
     r = gm.meta["vitqc"]["record"]["mixed_precision_search"]
     rows = r["finalists"]
     assert 2 <= len(rows) <= 3 and sum(row["uniform"] for row in rows) == 1  # the two best, and uniform
@@ -203,7 +208,7 @@ def test_finalists_are_rescored_after_a_short_joint_optimization(calib):
     assert len(chosen) == 1 and chosen[0]["fitness_after_joint"] == min(row["fitness_after_joint"] for row in rows)
     assert any(row["fitness_after_joint"] != row["fitness"] for row in rows)  # the short runs changed something
     # the graph comes back as the search left it: rescaling factors and refinements as initialised, untrained
-    start = vitqc.compile(tiny_vit(), Pipeline.from_list(prefix), calib, quiet=True).state_dict()
+    start = vitqc.compile(tiny_vit(), Pipeline.from_list(prefix), calib, quiet=True).quantized.state_dict()
     learned = [k for k in start if k.endswith(("log_factors", "refinement"))]
     assert learned and all(torch.equal(start[k], gm.state_dict()[k]) for k in learned)
     assert not getattr(gm, "_vitqc_joint_optimized", False)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_property, register_pass
+from vitqc.passes.base import CompileContext, PassResult, VitqcPass, applied, graph_property, register_pass
 from vitqc.passes.insert_quantizers import bypassed, quantizers, replace_submodule
 from vitqc.quant.modules import ChannelFactors, QuantLinear, RescaledLayerNorm
 
@@ -36,8 +36,9 @@ _TOKEN_MOVING_FUNCTIONS = {torch.roll, F.pad, operator.getitem, torch.reshape, t
 @graph_property("rescaled")
 def is_rescaled(gm: fx.GraphModule) -> bool:
     """channel_rescale has run: factors are attached wherever an exact fold was found (maybe nowhere)."""
-    return getattr(gm, "_vitqc_rescaled", False) or any(isinstance(m, RescaledLayerNorm) or (isinstance(m, QuantLinear) and m.output_factors is not None)
-               for m in gm.modules())
+    return applied(gm, "channel_rescale") or any(
+        isinstance(m, RescaledLayerNorm) or (isinstance(m, QuantLinear) and m.output_factors is not None)
+        for m in gm.modules())
 
 
 @dataclass
@@ -71,7 +72,7 @@ class ChannelRescale(VitqcPass):
         o = self.options
         candidates = (self._layernorm_folds(gm) if o.layernorm else []) + \
                      (self._value_folds(gm) if o.attention_values else [])
-        images = torch.cat(ctx.calib_batches())[: o.calib_images].to(ctx.device)
+        images = ctx.calib_images()[: o.calib_images].to(ctx.device)
         # verification and statistics are about the FP function
         with bypassed(quantizers(gm).values()), torch.no_grad():
             input_amax = _input_channel_amax(gm, images)
@@ -94,7 +95,6 @@ class ChannelRescale(VitqcPass):
             for fold in kept:
                 _apply(gm, fold, self._smoothquant(gm, fold, input_amax))
         gm.recompile()
-        gm._vitqc_rescaled = True
         ctx.record[self.name] = {"folds": [vars(f) for f in kept], "rejected": rejected}
         return PassResult(gm, bool(kept))
 

@@ -51,33 +51,30 @@ The chosen widths are set on the quantizers (ranges initialised by ``init`` at t
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import json
-import math
-import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from vitqc.errors import VitqcError
-from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_property, register_pass
+from vitqc.passes.base import APPLIED, CompileContext, PassResult, VitqcPass, applied, graph_property, register_pass
 from vitqc.passes.insert_quantizers import bypassed, quantizers
-from vitqc.progress import console, progress_bar
+from vitqc.console import out, progress_bar
+from vitqc.precision.budget import Budget
+from vitqc.precision.evolution import SearchState, next_generation
+from vitqc.precision.fitness import Fitness, sensitivity_seeds
+from vitqc.precision.genes import Gene, build_genes, is_fixed, owner_path
+from vitqc.precision.table import assignment_table
 from vitqc.quant.modules import QUANT_LAYERS
-from vitqc.quant.quantizer import TERNARY_BITS, VALID_BITS, UniformQuantizer
-from vitqc.scopes import block_scopes, with_scope_outputs
-
-CHECKPOINT_NAME = "mixed_precision_search.json"
+from vitqc.quant.quantizer import TERNARY_BITS, VALID_BITS
+from vitqc.scopes import block_scopes
 
 
 @graph_property("precision_searched")
 def is_precision_searched(gm: fx.GraphModule) -> bool:
     """mixed_precision_search has set a bit width per layer."""
-    return bool(getattr(gm, "_vitqc_precision_searched", False))
+    return applied(gm, "mixed_precision_search")
 
 
 @dataclass
@@ -122,226 +119,6 @@ class MixedPrecisionSearchOptions:
             raise VitqcError(f"mixed_precision_search.init must be minmax, percentile or mse, not {self.init!r}")
 
 
-@dataclass
-class Gene:
-    """One searchable width: ``kind`` 'weight' or 'act', the quantizers it sets, its size for the budget."""
-
-    unit: str
-    kind: str
-    quantizers: list[UniformQuantizer]
-    size: int  # parameters (weight genes) or activation elements per image (act genes)
-    choices: list[float]
-
-
-def _fixed(path: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(path, p) or path.startswith(p + ".") for p in patterns)
-
-
-def _owner_path(quantizer_path: str) -> str:
-    return quantizer_path.rpartition(".")[0]
-
-
-# ------------------------------------------------------------------------------------------- genes
-def build_genes(gm: fx.GraphModule, o: MixedPrecisionSearchOptions, act_elements: dict[int, int]) -> list[Gene]:
-    genes: list[Gene] = []
-    in_layers: set[int] = set()
-    for path, layer in gm.named_modules():
-        if not isinstance(layer, QUANT_LAYERS):
-            continue
-        in_layers.add(id(layer.weight_quantizer))
-        if layer.input_quantizer is not None:
-            in_layers.add(id(layer.input_quantizer))
-        if _fixed(path, o.fixed):
-            continue
-        genes.append(Gene(path, "weight", [layer.weight_quantizer], layer.weight.numel(), sorted(o.weight_choices)))
-        if layer.input_quantizer is not None:
-            genes.append(Gene(path, "act", [layer.input_quantizer], act_elements[id(layer.input_quantizer)],
-                              sorted(o.act_choices)))
-    groups: dict[str, list[UniformQuantizer]] = {}
-    for qpath, q in quantizers(gm).items():
-        if id(q) not in in_layers and not _fixed(_owner_path(qpath), o.fixed):
-            groups.setdefault(_owner_path(qpath), []).append(q)
-    for owner, qs in groups.items():
-        genes.append(Gene(owner, "act", qs, sum(act_elements[id(q)] for q in qs), sorted(o.act_choices)))
-    if not genes:
-        raise VitqcError("mixed_precision_search found no layer to search: run insert_quantizers first, "
-                         "and check mixed_precision_search.fixed does not cover every layer")
-    return genes
-
-
-class Budget:
-    """Feasibility of a genome (a tuple of choice indices, one per gene)."""
-
-    def __init__(self, genes: list[Gene], o: MixedPrecisionSearchOptions, fixed_weight_bits: float) -> None:
-        self.genes = genes
-        w_total = sum(g.size for g in genes if g.kind == "weight")
-        if o.model_mb > 0:
-            if not w_total:
-                raise VitqcError("mixed_precision_search.model_mb: no searched weight layer")
-            self.weight_limit = (o.model_mb * 8e6 - fixed_weight_bits) / w_total
-        else:
-            self.weight_limit = o.weight_bits
-        self.act_limit = o.act_bits
-        for kind, limit in (("weight", self.weight_limit), ("act", self.act_limit)):
-            kinds = [g for g in genes if g.kind == kind]
-            if kinds and self.average([0] * len(genes), kind) > limit + 1e-9:
-                raise VitqcError(f"mixed_precision_search: even every layer at its smallest width exceeds the "
-                                 f"{kind} budget ({limit:.3g} bits on average); raise the budget or add smaller choices")
-
-    def average(self, genome, kind: str) -> float:
-        pairs = [(g.size, g.choices[i]) for g, i in zip(self.genes, genome) if g.kind == kind]
-        total = sum(s for s, _ in pairs)
-        return sum(s * b for s, b in pairs) / total if total else 0.0
-
-    def fits(self, genome) -> bool:
-        return (self.average(genome, "weight") <= self.weight_limit + 1e-9
-                and self.average(genome, "act") <= self.act_limit + 1e-9)
-
-    def repair_and_fill(self, genome: list[int], rng: random.Random) -> tuple[int, ...]:
-        """Lower random genes until the genome fits, then raise random genes while it still fits."""
-        genome = list(genome)
-        for kind, limit in (("weight", self.weight_limit), ("act", self.act_limit)):
-            idx = [i for i, g in enumerate(self.genes) if g.kind == kind]
-            while self.average(genome, kind) > limit + 1e-9:
-                lowerable = [i for i in idx if genome[i] > 0]
-                genome[rng.choice(lowerable)] -= 1
-            while True:
-                raisable = [i for i in idx if genome[i] + 1 < len(self.genes[i].choices)]
-                rng.shuffle(raisable)
-                for i in raisable:
-                    genome[i] += 1
-                    if self.average(genome, kind) <= limit + 1e-9:
-                        break
-                    genome[i] -= 1
-                else:
-                    break
-        return tuple(genome)
-
-
-# ------------------------------------------------------------------------------------------- fitness
-def patch_contrastive(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE per image: each student token against all teacher tokens of its image, its own as positive."""
-    s = F.normalize(student_tokens.float().flatten(1, -2), dim=-1)
-    t = F.normalize(teacher_tokens.float().flatten(1, -2), dim=-1)
-    logits = s @ t.transpose(1, 2) / temperature  # [B, N, N]
-    target = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
-    return F.cross_entropy(logits.flatten(0, 1), target.flatten())
-
-
-class Fitness:
-    """Scores genomes against cached FP outputs, with every quantizer's range at every width precomputed."""
-
-    def __init__(self, gm: fx.GraphModule, genes: list[Gene], ctx: CompileContext, o: MixedPrecisionSearchOptions,
-                 images: list[torch.Tensor], scope: str | None) -> None:
-        self.genes, self.o, self.device = genes, o, ctx.device
-        self.images = images
-        self.teacher_out = []
-        teacher = with_scope_outputs(ctx.reference, [scope] if scope else [], MixedPrecisionSearch.name).to(self.device).eval()
-        with torch.no_grad():
-            for x in images:
-                out, *feats = teacher(x)
-                self.teacher_out.append((out.float(), feats[0].float() if feats else None))
-        self.student = with_scope_outputs(gm, [scope] if scope else [], MixedPrecisionSearch.name).to(self.device).eval()
-        self.ranges: dict[tuple[int, float], dict[str, torch.Tensor]] = {}
-        self._precompute_ranges(gm)
-
-    @torch.no_grad()
-    def _precompute_ranges(self, gm: fx.GraphModule) -> None:
-        weight_of = {id(m.weight_quantizer): m for m in gm.modules() if isinstance(m, QUANT_LAYERS)}
-        for gene in self.genes:
-            for q in gene.quantizers:
-                q.init_method = self.o.init
-                original = q.bits
-                for b in gene.choices:
-                    q.set_bits(b)
-                    if id(q) in weight_of:
-                        q.init_from_tensor(weight_of[id(q)].effective_weight())
-                    else:
-                        q.init_from_observed(keep_observations=True)
-                    self.ranges[(id(q), b)] = q.qparams()
-                q.set_bits(original)
-                q.reset_observer()
-
-    def apply(self, genome) -> None:
-        for gene, i in zip(self.genes, genome):
-            b = gene.choices[i]
-            for q in gene.quantizers:
-                q.set_bits(b)
-                q.load_qparams(self.ranges[(id(q), b)])
-
-    def __call__(self, genome) -> float:
-        self.apply(genome)
-        return self.score()
-
-    @torch.no_grad()
-    def score(self) -> float:
-        """Fitness of the graph as it is now (whatever widths and ranges its quantizers hold)."""
-        was_training = self.student.training
-        self.student.eval()
-        total, n = 0.0, 0
-        for x, (t_out, t_tok) in zip(self.images, self.teacher_out):
-            s_out, *s_feats = self.student(x)
-            kl = F.kl_div(F.log_softmax(s_out.float(), -1), F.log_softmax(t_out, -1), reduction="batchmean",
-                          log_target=True)
-            value = kl
-            if t_tok is not None and self.o.contrastive_weight > 0:
-                value = value + self.o.contrastive_weight * patch_contrastive(s_feats[0], t_tok, self.o.temperature)
-            total += float(value) * len(x)
-            n += len(x)
-        self.student.train(was_training)
-        return total / n
-
-
-# ------------------------------------------------------------------------------------------- sensitivity seeds
-def sensitivity_seeds(genes: list[Gene], budget: Budget, uniform: tuple[int, ...], fitness: "Fitness",
-                      quiet: bool = False) -> tuple[list[tuple[int, ...]], int]:
-    """Feasible assignments better than ``uniform`` found from one-gene-at-a-time fitness changes (module
-    docstring), best first, and the number of candidates scored to find them."""
-    base = fitness(uniform)
-    moves: list[dict[int, float]] = []  # per gene: choice index -> fitness change (0 at uniform)
-    total = sum((u > 0) + (u + 1 < len(g.choices)) for g, u in zip(genes, uniform))
-    with progress_bar("sensitivity", total=total, unit="cand", quiet=quiet) as bar:
-        for i, (gene, u) in enumerate(zip(genes, uniform)):
-            deltas = {u: 0.0}
-            for c in (u - 1, u + 1):
-                if 0 <= c < len(gene.choices):
-                    genome = list(uniform)
-                    genome[i] = c
-                    deltas[c] = fitness(tuple(genome)) - base
-                    bar.advance(1)
-            moves.append(deltas)
-    # hill climb from uniform: raise the genes whose raise helped most, each paid for by lowering the genes whose
-    # lowering hurt least, and keep a move only if the measured fitness improves (the changes do not add up)
-    current, current_fit, evaluations = list(uniform), base, total + 1
-    changed: set[int] = set()
-    ups = sorted((d[u + 1], i) for i, (d, u) in enumerate(zip(moves, uniform)) if u + 1 in d and d[u + 1] < 0)
-    seeds = []
-    with progress_bar("sensitivity climb", total=len(ups), unit="move", quiet=quiet) as bar:
-        for _, i in ups:
-            bar.advance(1)
-            if i in changed:  # already lowered to pay for another gene
-                continue
-            trial = list(current)
-            trial[i] += 1
-            downs = sorted((moves[j][trial[j] - 1], j) for j, g in enumerate(genes)
-                           if g.kind == genes[i].kind and j != i and j not in changed and trial[j] - 1 in moves[j])
-            lowered = []
-            for _, j in downs:
-                if budget.fits(trial):
-                    break
-                trial[j] -= 1
-                lowered.append(j)
-            if not budget.fits(trial):
-                continue
-            fit = fitness(tuple(trial))
-            evaluations += 1
-            if fit < current_fit:
-                current, current_fit = trial, fit
-                changed |= {i, *lowered}
-                seeds.append(tuple(current))
-    return seeds[::-1], evaluations
-
-
 # ------------------------------------------------------------------------------------------- the pass
 @register_pass
 class MixedPrecisionSearch(VitqcPass):
@@ -357,7 +134,7 @@ class MixedPrecisionSearch(VitqcPass):
             raise VitqcError("mixed_precision_search needs the FP reference model (vitqc.compile provides it)")
         started = time.perf_counter()
         gm.to(ctx.device)
-        images = torch.cat(ctx.calib_batches())[: o.images].to(ctx.device).split(o.batch_size)
+        images = ctx.calib_images()[: o.images].to(ctx.device).split(o.batch_size)
         act_elements = self._observe_activations(gm, images)
         genes = build_genes(gm, o, act_elements)
         searched = {id(q) for g in genes for q in g.quantizers}
@@ -366,19 +143,19 @@ class MixedPrecisionSearch(VitqcPass):
                 q.init_method = o.init
                 q.init_from_observed()
         fixed_bits = sum(m.weight.numel() * m.weight_quantizer.bits for p, m in gm.named_modules()
-                         if isinstance(m, QUANT_LAYERS) and _fixed(p, o.fixed))
+                         if isinstance(m, QUANT_LAYERS) and is_fixed(p, o.fixed))
         budget = Budget(genes, o, fixed_bits)
         scopes = block_scopes(ctx.reference, o.features)
         fitness = Fitness(gm, genes, ctx, o, list(images), scopes[-1] if scopes else None)
 
-        state = _SearchState.resumed(ctx, o, genes)
+        state = SearchState.resumed(ctx, o, genes)
         sensitivity_evaluations = 0
         if state is None:
-            uniform = _SearchState.uniform_genome(genes, budget)
+            uniform = SearchState.uniform_genome(genes, budget)
             seeds: list[tuple[int, ...]] = []
             if o.sensitivity and uniform is not None:
                 seeds, sensitivity_evaluations = sensitivity_seeds(genes, budget, uniform, fitness, ctx.quiet)
-            state = _SearchState.start(ctx, o, genes, budget, seeds)
+            state = SearchState.start(ctx, o, genes, budget, seeds)
         history = state.history
         evaluations = len(state.scores) + sensitivity_evaluations
         with progress_bar(self.name, total=o.generations * o.population, unit="cand",
@@ -394,14 +171,13 @@ class MixedPrecisionSearch(VitqcPass):
                 bar.update(best=history[-1], generation=state.generation + 1)
                 state.generation += 1
                 if state.generation < o.generations:
-                    state.population = self._next_generation(ranked, state, budget, genes)
+                    state.population = next_generation(ranked, state, budget, genes, o)
                 state.save(ctx)
         best = min(state.scores, key=lambda g: (state.scores[g], g))
         finalists = self._finalists(gm, ctx, fitness, state, best) if o.finalists > 0 else []
         if finalists:
             best = min(finalists, key=lambda row: (row["fitness_after_joint"], row["genome"]))["genome"]
         fitness.apply(best)
-        gm._vitqc_precision_searched = True
         layers = self._assignment(genes, best)
         _update_layer_table(ctx, genes, best)
         uniform = state.uniform
@@ -422,10 +198,10 @@ class MixedPrecisionSearch(VitqcPass):
                           for row in finalists],
         }
         if not ctx.quiet:
-            console.print(assignment_table(ctx.record[self.name]))
+            out.print(assignment_table(ctx.record[self.name]))
         return PassResult(gm, True)
 
-    def _finalists(self, gm: fx.GraphModule, ctx: CompileContext, fitness: "Fitness", state: "_SearchState",
+    def _finalists(self, gm: fx.GraphModule, ctx: CompileContext, fitness: "Fitness", state: "SearchState",
                    best: tuple[int, ...]) -> list[dict]:
         """The ``finalists`` fittest candidates and uniform, each scored after a short joint_optimize from the
         same start (the graph's state is restored after each)."""
@@ -436,15 +212,17 @@ class MixedPrecisionSearch(VitqcPass):
         if state.uniform is not None and state.uniform not in ranked:
             ranked.append(state.uniform)
         snapshot = {k: v.detach().clone() for k, v in gm.state_dict().items()}
+        history = list(gm.meta.get(APPLIED, []))
         bits = {id(q): q.bits for g in fitness.genes for q in g.quantizers}
-        tune = JointOptimize({"iterations": o.finalist_iterations, "batch_size": o.finalist_batch_size,
-                              "checkpoint_every": 10**9})
+        # the pipeline's own joint_optimize options (--set included), shortened to the finalists' budget
+        tune = JointOptimize({**ctx.step_options("joint_optimize"), "iterations": o.finalist_iterations,
+                              "batch_size": o.finalist_batch_size, "checkpoint_every": 10**9})
         rows = []
         with progress_bar("finalists", total=len(ranked), unit="cand", quiet=ctx.quiet) as bar:
             for genome in ranked:
                 fitness.apply(genome)
                 tune(gm, dataclasses.replace(ctx, record=dict(ctx.record), work_dir=None, resume=False, quiet=True))
-                gm._vitqc_joint_optimized = False
+                gm.meta[APPLIED] = list(history)  # a trial: the graph is put back as it was
                 rows.append({"genome": genome, "fitness": state.scores[genome], "fitness_after_joint": fitness.score()})
                 gm.load_state_dict(snapshot)
                 for g in fitness.genes:
@@ -483,23 +261,6 @@ class MixedPrecisionSearch(VitqcPass):
             gm.train(was_training)
         return elements
 
-    def _next_generation(self, ranked, state: "_SearchState", budget: Budget, genes: list[Gene]) -> list[tuple[int, ...]]:
-        o, rng = self.options, state.rng
-        nxt = list(ranked[: o.elite])
-        tries = 0
-        while len(nxt) < o.population:
-            a = min(rng.sample(ranked, min(o.tournament, len(ranked))), key=lambda g: (state.scores[g], g))
-            b = min(rng.sample(ranked, min(o.tournament, len(ranked))), key=lambda g: (state.scores[g], g))
-            child = [x if rng.random() < 0.5 else y for x, y in zip(a, b)]
-            for i, gene in enumerate(genes):
-                if rng.random() < o.mutated_genes / len(genes):
-                    child[i] = rng.randrange(len(gene.choices))
-            genome = budget.repair_and_fill(child, rng)
-            tries += 1
-            if genome not in nxt or tries > 50 * o.population:  # prefer distinct candidates
-                nxt.append(genome)
-        return nxt
-
     @staticmethod
     def _assignment(genes: list[Gene], genome) -> list[dict]:
         rows: dict[str, dict] = {}
@@ -515,7 +276,7 @@ def _update_layer_table(ctx: CompileContext, genes: list[Gene], genome) -> None:
     by_unit: dict[tuple[str, str], float] = {(g.unit, g.kind): g.choices[i] for g, i in zip(genes, genome)}
     for layer in ctx.record.get("insert_quantizers", {}).get("layers", []):
         if layer["kind"] in ("matmul", "softmax"):
-            bits = by_unit.get((_owner_path(layer["path"]), "act"))
+            bits = by_unit.get((owner_path(layer["path"]), "act"))
             if bits is not None:
                 layer["act_bits"] = bits
             continue
@@ -523,114 +284,3 @@ def _update_layer_table(ctx: CompileContext, genes: list[Gene], genome) -> None:
             bits = by_unit.get((layer["path"], kind))
             if bits is not None:
                 layer[f"{kind}_bits"] = bits
-
-
-def assignment_table(record: dict):
-    """Rich table of a search's per-layer widths (from its record, e.g. an artifact's manifest)."""
-    from rich.table import Table
-
-    table = Table(title=f"mixed precision: W{record['average_weight_bits']:.3g} A{record['average_act_bits']:.3g} "
-                        f"on average (budget W{record['weight_budget_bits']:.3g} A{record['act_budget_bits']:.3g})")
-    for col in ("layer", "params", "W bits", "A elements/img", "A bits"):
-        table.add_column(col, justify="left" if col == "layer" else "right")
-    fmt = lambda v: "" if v is None else f"{v:g}"  # noqa: E731
-    for row in record["layers"]:
-        table.add_row(row["path"], fmt(row.get("params")), fmt(row.get("weight_bits")), fmt(row.get("act_elements")),
-                      fmt(row.get("act_bits")))
-    uniform = record.get("uniform_fitness")
-    table.caption = (f"fitness {record['fitness']:.4f}" + (f" (uniform: {uniform:.4f})" if uniform is not None else "")
-                     + f"; {record['evaluations']} candidates scored on {record['images']} images in {record['seconds']:.1f}s")
-    return table
-
-
-# ------------------------------------------------------------------------------------------- search state
-@dataclass
-class _SearchState:
-    """What a resumed search needs to continue exactly: generation, population, scores and the RNG."""
-
-    generation: int
-    population: list[tuple[int, ...]]
-    scores: dict[tuple[int, ...], float]
-    history: list[float]
-    rng: random.Random
-    uniform: tuple[int, ...] | None
-    signature: str
-    resumed_from: int | None = None
-
-    @classmethod
-    def resumed(cls, ctx: CompileContext, o: MixedPrecisionSearchOptions, genes: list[Gene]) -> "_SearchState | None":
-        """The state of the last finished generation when resuming from a checkpoint, else None."""
-        path = cls._path(ctx)
-        if not (ctx.resume and path is not None and path.exists()):
-            return None
-        signature = cls._signature(o, genes)
-        data = json.loads(path.read_text())
-        if data["signature"] != signature:
-            raise VitqcError(f"--resume: {str(path)!r} was written with other mixed_precision_search options or "
-                             f"another model; delete it or compile without --resume")
-        rng = random.Random()
-        rng.setstate(_tuples(data["rng"]))
-        return cls(data["generation"], [tuple(g) for g in data["population"]],
-                   {tuple(json.loads(k)): v for k, v in data["scores"].items()}, data["history"], rng,
-                   tuple(data["uniform"]) if data["uniform"] is not None else None, signature,
-                   data["generation"])
-
-    @classmethod
-    def start(cls, ctx: CompileContext, o: MixedPrecisionSearchOptions, genes: list[Gene], budget: Budget,
-              seeds: list[tuple[int, ...]] = ()) -> "_SearchState":
-        """A fresh first generation: uniform, the seeds, then mutants of uniform and random assignments."""
-        rng = random.Random(ctx.seed)
-        uniform = cls.uniform_genome(genes, budget)
-        population = [uniform] if uniform is not None else []
-        population += [g for g in dict.fromkeys(seeds) if g not in population][: max(0, o.population - len(population))]
-        tries = 0
-        while len(population) < o.population:
-            if uniform is not None and len(population) % 2 == 1:  # a mutant of uniform: explores near it
-                start = [rng.randrange(len(g.choices)) if rng.random() < 2 * o.mutated_genes / len(genes) else u
-                         for g, u in zip(genes, uniform)]
-            else:  # a random assignment: explores far from it
-                start = [rng.randrange(len(g.choices)) for g in genes]
-            genome = budget.repair_and_fill(start, rng)
-            tries += 1
-            if genome not in population or tries > 50 * o.population:  # distinct unless the space is tiny
-                population.append(genome)
-        return cls(0, population, {}, [], rng, uniform, cls._signature(o, genes))
-
-    @staticmethod
-    def uniform_genome(genes: list[Gene], budget: Budget) -> tuple[int, ...] | None:
-        """Every gene at the budget's own width, when that width is a choice of every gene."""
-        target = {"weight": budget.weight_limit, "act": budget.act_limit}
-        genome = []
-        for g in genes:
-            hits = [i for i, b in enumerate(g.choices) if math.isclose(b, target[g.kind])]
-            if not hits:
-                return None
-            genome.append(hits[0])
-        return tuple(genome)
-
-    @staticmethod
-    def _signature(o: MixedPrecisionSearchOptions, genes: list[Gene]) -> str:
-        opts = {k: v for k, v in vars(o).items()}
-        return json.dumps([opts, [(g.unit, g.kind, g.size, g.choices) for g in genes]], sort_keys=True, default=str)
-
-    @staticmethod
-    def _path(ctx: CompileContext) -> Path | None:
-        return Path(ctx.work_dir) / CHECKPOINT_NAME if ctx.work_dir else None
-
-    def save(self, ctx: CompileContext) -> None:
-        path = self._path(ctx)
-        if path is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"generation": self.generation, "population": [list(g) for g in self.population],
-                "scores": {json.dumps(list(k)): v for k, v in self.scores.items()}, "history": self.history,
-                "rng": self.rng.getstate(), "uniform": None if self.uniform is None else list(self.uniform),
-                "signature": self.signature}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(path)
-
-
-def _tuples(value):
-    """JSON turned random.Random's state tuples into lists: turn them back."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
