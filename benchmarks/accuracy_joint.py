@@ -54,7 +54,7 @@ def compiled_cell(module, pipeline, calib, test, iterations, **overrides):
         if BATCH_SIZE is not None:
             overrides["joint_optimize__batch_size"] = BATCH_SIZE
     with Timer() as tc:
-        q = vitqc.compile(copy.deepcopy(module), pipe, calib, quiet=True, device=DEVICE, **overrides)
+        q = vitqc.compile(copy.deepcopy(module), pipe, calib, quiet=True, device=DEVICE, **overrides).quantized
     with Timer() as te:
         preds = predictions(q, test)
     acc = top1(q, test, preds)
@@ -81,12 +81,12 @@ def fp_cell(module, test):
 
 
 def table(args) -> None:
-    from vitqc.data import load_calibration
+    from vitqc.calib.images import load_images
 
     cells = load_cells(args.result)
     for name in args.models.split(","):
         module, pre, eval_dir, calib_dir, _ = load_reference_model(name)
-        calib = load_calibration(calib_dir, pre, size=None, seed=0, batch_size=50)
+        calib = list(load_images(calib_dir, pre, None, 0, quiet=True)[0].split(50))
         test = decode_eval_set(eval_dir, pre, limit=args.limit)
         fp_result = fp_cell(module, test)
         run_cell(cells, f"{name}/fp32", args.result, lambda: fp_result)
@@ -100,12 +100,12 @@ def table(args) -> None:
 
 
 def ablations(args) -> None:
-    from vitqc.data import load_calibration
+    from vitqc.calib.images import load_images
     from vitqc.pipeline import load_pipeline
 
     cells = load_cells(args.result)
     module, pre, eval_dir, calib_dir, _ = load_reference_model(args.model)
-    calib = load_calibration(calib_dir, pre, size=None, seed=0, batch_size=32)
+    calib = list(load_images(calib_dir, pre, None, 0, quiet=True)[0].split(32))
     test = decode_eval_set(eval_dir, pre, limit=args.limit)
     joint = load_pipeline(f"joint-{args.scheme}")
     flat = torch.cat(calib)
@@ -148,11 +148,11 @@ def parse_try(text: str) -> dict:
 
 
 def tune(args) -> None:
-    from vitqc.data import load_calibration
+    from vitqc.calib.images import load_images
 
     cells = load_cells(args.result)
     module, pre, eval_dir, calib_dir, _ = load_reference_model(args.model)
-    calib = load_calibration(calib_dir, pre, size=None, seed=0, batch_size=32)
+    calib = list(load_images(calib_dir, pre, None, 0, quiet=True)[0].split(32))
     test = decode_eval_set(eval_dir, pre, limit=args.limit)
     fp_result = fp_cell(module, test)
     prefix = f"{args.model}/{args.scheme}/{args.iterations}x{BATCH_SIZE}"

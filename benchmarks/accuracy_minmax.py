@@ -52,12 +52,12 @@ def main() -> None:
     args = ap.parse_args()
     require_shared()
     import vitqc
-    from vitqc.data import load_calibration
+    from vitqc.calib.images import load_images
 
     rows = []
     for name in args.models.split(","):
         module, pre, eval_dir, calib_dir, card = load_reference_model(name)
-        calib = load_calibration(calib_dir, pre, size=args.calib_size, seed=0, batch_size=50)
+        calib = list(load_images(calib_dir, pre, args.calib_size, 0, quiet=True)[0].split(50))
         test = decode_eval_set(eval_dir, pre, limit=args.limit)
         n = sum(len(y) for _, y in test)
         with Timer() as t:
@@ -68,7 +68,7 @@ def main() -> None:
         wanted = set(PIPELINES + PT2E) if args.methods == "all" else set(args.methods.split(","))
         for pipeline in (p for p in PIPELINES if p in wanted):
             with Timer() as tc:
-                q = vitqc.compile(copy.deepcopy(module), pipeline, calib, quiet=True)
+                q = vitqc.compile(copy.deepcopy(module), pipeline, calib, quiet=True).quantized
             with Timer() as te:
                 row[pipeline] = top1(q, test)
             row["seconds"][pipeline] = {"compile": round(tc.seconds, 1), "eval": round(te.seconds, 1)}

@@ -143,8 +143,8 @@ def main() -> None:
         for scheme in args.schemes.split(","):
             pipeline, bits, ternary = SCHEMES[scheme]
             with Timer() as tc:  # the fake-quant graph, then its materialized (integer) program
-                fake = vitqc.compile(copy.deepcopy(model), without(pipeline, "materialize"), calib, quiet=True)
-                gm = vitqc.compile(copy.deepcopy(fake), "materialize", quiet=True, example=calib[0][:1])
+                fake = vitqc.compile(copy.deepcopy(model), without(pipeline, "materialize"), calib, quiet=True).quantized
+                gm = vitqc.compile(copy.deepcopy(fake), "materialize", quiet=True, example=calib[0][:1]).quantized
             with Timer() as tl:
                 packed = lower_packed(gm.to(device), calib[0][:1].to(device), ternary=ternary)
             print(f"{model_name} {scheme}: compile {tc.seconds:.0f}s, lower {tl.seconds:.0f}s", flush=True)

@@ -45,11 +45,11 @@ def class_names_of(calib_dir: Path) -> list[str]:
 def calibration(source: str, module, pre, calib_dir: Path, size: int, args) -> tuple[list[torch.Tensor], dict]:
     from vitqc.calib import calibration_batches, make_source
     from vitqc.calib.spec import parse_options
-    from vitqc.data import load_calibration
+    from vitqc.calib.images import load_images
 
     if source == "real":
         with Timer() as t:
-            batches = load_calibration(calib_dir, pre, size=size, seed=0, batch_size=32, progress=False)
+            batches = list(load_images(calib_dir, pre, size, 0, quiet=True)[0].split(32))
         return batches, {"seconds_generate": round(t.seconds, 2)}
     options: dict = {}
     if source == "inversion":
@@ -119,7 +119,7 @@ def main() -> None:
                 continue
             with Timer() as tc:
                 quantized = vitqc.compile(copy.deepcopy(module), pipeline, calib, seed=0, quiet=True,
-                                          set=args.overrides)
+                                          set=args.overrides).quantized
             acc = top1(quantized, test)
             info = {k: v for k, v in info.items() if k != "options"}
             row["sources"][source] = {"top1": acc, "images": sum(len(b) for b in calib),

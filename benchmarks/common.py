@@ -48,11 +48,11 @@ def load_timing_model(name: str, calib_size: int):
         model = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
         calib = list(torch.randn(calib_size, 3, 224, 224, generator=torch.Generator().manual_seed(0)).split(16))
         return model, calib, None
-    from vitqc.data import load_calibration
+    from vitqc.calib.images import load_images
 
     require_shared()
     model, pre, eval_dir, calib_dir, _ = load_reference_model(name)
-    calib = load_calibration(calib_dir, pre, size=calib_size, seed=0, batch_size=50)
+    calib = list(load_images(calib_dir, pre, calib_size, 0, quiet=True)[0].split(50))
     return model, calib, (pre, eval_dir)
 
 

@@ -120,7 +120,7 @@ def main() -> None:
     for scheme in args.schemes.split(","):
         with Timer() as tc:
             pipeline, options = SCHEMES[scheme]
-            gm = vitqc.compile(copy.deepcopy(module), pipeline, calib, quiet=True, **options)
+            gm = vitqc.compile(copy.deepcopy(module), pipeline, calib, quiet=True, **options).quantized
         print(f"{args.model} {scheme}: compiled in {tc.seconds:.0f}s", flush=True)
         with Timer() as tl:
             fp32 = lower_executorch(gm, fp32=True, batch=args.batch, announce=None)

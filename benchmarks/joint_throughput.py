@@ -70,7 +70,7 @@ def ops_per_step(model, pipeline, calib) -> dict:
     for n in (2, 4):
         counter = OpCounter()
         with counter:
-            vitqc.compile(copy.deepcopy(model), pipeline(n), calib, quiet=True)
+            vitqc.compile(copy.deepcopy(model), pipeline(n), calib, quiet=True).quantized
         counts.append(counter)
     kernels = collections.Counter({k: (counts[1].kernels[k] - counts[0].kernels[k]) / 2 for k in counts[1].kernels})
     return {"kernels": round(sum(kernels.values())), "views": round((counts[1].views - counts[0].views) / 2),
@@ -157,7 +157,7 @@ def main() -> None:
         compiled = mode if args.compare == "compile" else args.compare == "optimizer" and args.compile
         optimizer = GroupedAdam if mode or args.compare != "optimizer" else torch_adam_per_group
         with fused_fake_quant(fused), mock.patch.object(joint_optimize, "GroupedAdam", optimizer):
-            gm = vitqc.compile(copy.deepcopy(model), pipeline(steps, compiled), calib, quiet=True, device=args.device)
+            gm = vitqc.compile(copy.deepcopy(model), pipeline(steps, compiled), calib, quiet=True, device=args.device).quantized
         record = gm.meta["vitqc"]["record"]["joint_optimize"]
         measured = (record["seconds"] - record["warmup_seconds"]) / (steps - record["warmup_steps"])
         if args.device.startswith("cuda"):
@@ -167,7 +167,7 @@ def main() -> None:
         return measured, peak
 
     # the student before joint_optimize, for counting what its autograd graph keeps (one compile serves both paths)
-    student = vitqc.compile(copy.deepcopy(model), Pipeline.from_list(pipeline(1).steps[:-1]), calib, quiet=True)
+    student = vitqc.compile(copy.deepcopy(model), Pipeline.from_list(pipeline(1).steps[:-1]), calib, quiet=True).quantized
 
     def saved_for_backward_gib(fused: bool) -> float:
         """What the student's autograd graph keeps from forward to backward for one batch (device-independent)."""

@@ -26,7 +26,7 @@ def arm(module, pipeline, calib, test, overrides, seed):
     import vitqc
 
     with Timer() as tc:
-        q = vitqc.compile(copy.deepcopy(module), pipeline, calib, quiet=False, set=overrides, seed=seed)
+        q = vitqc.compile(copy.deepcopy(module), pipeline, calib, quiet=False, set=overrides, seed=seed).quantized
     with Timer() as te:
         acc = top1(q, test)
     record = q.meta["vitqc"]["record"]
@@ -60,12 +60,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="compile seed of both arms (cells of seed S > 0 end in @seedS)")
     args = ap.parse_args()
     require_shared()
-    from vitqc.data import load_calibration
+    from vitqc.calib.images import load_images
 
     result = args.result or f"mixed_precision_{args.model}"
     cells = load_cells(result)
     module, pre, eval_dir, calib_dir, _ = load_reference_model(args.model)
-    calib = load_calibration(calib_dir, pre, size=None, seed=0, batch_size=32)
+    calib = list(load_images(calib_dir, pre, None, 0, quiet=True)[0].split(32))
     test = decode_eval_set(eval_dir, pre, limit=args.limit)
     joint = [f"joint_optimize.{k}={v}" for k, v in (("iterations", args.iterations), ("batch_size", args.batch_size))
              if v is not None]

@@ -21,6 +21,22 @@ def tiny_vit(num_classes: int = 5, **kwargs):
     return VisionTransformer(**cfg).eval()
 
 
+TINY_PREPROCESS = dict(input_size=(3, 16, 16), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory):
+    """(path, quantized graph) of tiny_vit compiled with minmax-w4a8 on random images, saved as an artifact."""
+    import vitqc
+    from vitqc.data import Preprocess
+
+    images = torch.randn(48, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    path = tmp_path_factory.mktemp("tiny_artifact") / "tiny.vitqc"
+    result = vitqc.compile(tiny_vit(), "minmax-w4a8", images, preprocess=Preprocess(**TINY_PREPROCESS), holdout=16,
+                           out=path, quiet=True)
+    return path, result.quantized
+
+
 @pytest.fixture
 def vit():
     return tiny_vit()

@@ -30,7 +30,7 @@ from torch import nn
 
 from vitqc.errors import VitqcError
 
-__all__ = ["LoadedModel", "load_model", "example_input", "load_state_dict_file", "sha256_file"]
+__all__ = ["LoadedModel", "load_model", "load_model_and_preprocess", "example_input", "load_state_dict_file", "sha256_file"]
 
 
 @dataclass
@@ -38,6 +38,14 @@ class LoadedModel:
     module: nn.Module
     source: dict[str, Any] = field(default_factory=dict)  # JSON-able: where the model came from
     data_config: dict[str, Any] | None = None  # timm.data.resolve_data_config for timm models, else None
+
+    @property
+    def preprocess(self):
+        """How image files become this model's inputs (a :class:`vitqc.data.Preprocess`), or None when the model
+        does not say (then the user gives --img-size / --mean / --std)."""
+        from vitqc.data import Preprocess
+
+        return None if self.data_config is None else Preprocess.from_timm(self.data_config)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -315,3 +323,18 @@ def example_input(loaded: LoadedModel, batch_size: int = 1, seed: int = 0) -> to
         raise VitqcError("the model does not say its input size: pass --img-size N (and --in-chans C)")
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch_size, *[int(s) for s in size], generator=gen)
+
+
+def load_model_and_preprocess(spec: str, model_kwargs: dict[str, Any] | None = None, checkpoint: str | None = None,
+                              pretrained: bool = False):
+    """(LoadedModel, Preprocess or None): :func:`load_model`, plus the embedded ``demo`` model."""
+    if spec == "demo":
+        from vitqc import demo
+
+        if model_kwargs or checkpoint or pretrained:
+            raise VitqcError("the demo model takes no model kwargs, checkpoint or pretrained weights")
+        loaded = LoadedModel(demo.load_demo_model(), {"form": "demo", "card": demo.demo_card()["name"]})
+        return loaded, demo.demo_preprocess()
+    loaded = load_model(spec, model_kwargs=model_kwargs, checkpoint=None if checkpoint is None else str(checkpoint),
+                        pretrained=pretrained)
+    return loaded, loaded.preprocess

@@ -85,19 +85,32 @@ class Pipeline:
             raise VitqcError(f"pipeline {default_name!r} has no [[passes]] entries")
         steps = []
         for entry in raw:
-            if not isinstance(entry, dict) or "name" not in entry:
-                raise VitqcError(f"pipeline {default_name!r}: every [[passes]] entry needs a name")
-            steps.append(PassStep(entry["name"], dict(entry.get("options", {}))))
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                raise VitqcError(f"pipeline {default_name!r}: every [[passes]] entry needs a name (a string)")
+            options = entry.get("options", {})
+            if not isinstance(options, dict):
+                raise VitqcError(f"pipeline {default_name!r}: the options of pass {entry['name']!r} must be a table "
+                                 f"(options = {{ key = value }}), not {type(options).__name__} {options!r}")
+            steps.append(PassStep(entry["name"], dict(options)))
+        imports = data.get("imports", [])
+        if not isinstance(imports, list) or not all(isinstance(m, str) for m in imports):
+            raise VitqcError(f"pipeline {default_name!r}: imports must be a list of module names, e.g. imports = [\"my_passes\"]")
+        for key in ("name", "description"):
+            if key in data and not isinstance(data[key], str):
+                raise VitqcError(f"pipeline {default_name!r}: {key} must be a string")
         return cls(name=data.get("name", default_name), steps=steps, description=data.get("description", ""),
-                   imports=list(data.get("imports", [])))
+                   imports=list(imports))
 
     # ------------------------------------------------------------------------------------ operations
     def import_user_passes(self) -> None:
         for module in self.imports:
             try:
                 importlib.import_module(module)
-            except ImportError as e:
-                raise VitqcError(f"pipeline {self.name!r} imports {module!r}, which failed: {e}") from None
+            except Exception as e:  # noqa: BLE001 - a user module can fail in any way (SyntaxError, NameError ...)
+                where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise VitqcError(f"pipeline {self.name!r} imports {module!r}, which failed: "
+                                 f"{type(e).__name__}: {first}{where}") from None
 
     def with_overrides(self, overrides: Sequence[str]) -> "Pipeline":
         """Apply ``PASS.OPTION=VALUE`` overrides (to every step of that pass). Returns a new pipeline."""

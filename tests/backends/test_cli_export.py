@@ -2,31 +2,22 @@
 import pytest
 import torch
 
-import vitqc
 from tests.conftest import run_cli as run
-from tests.conftest import tiny_vit
-from vitqc.artifact import export_program, save_artifact
 from vitqc.backends.packed import load_packed
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    calib = list(torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1)).split(16))
-    gm = vitqc.compile(tiny_vit(), "minmax-w4a8", calib, quiet=True)
-    layers = gm.meta["vitqc"]["record"]["insert_quantizers"]["layers"]
-    path = tmp_path_factory.mktemp("art") / "tiny.vitqc"
-    save_artifact(path, export_program(gm, calib[0][:1]), None,
-                  {"layers": layers, "input_shape": [3, 16, 16], "pipeline": gm.meta["vitqc"]["pipeline"]})
-    return path, gm
+def artifact(tiny_artifact):
+    return tiny_artifact
 
 
 @pytest.mark.parametrize("args, message", [
     (["--backend", "tflite"], "unknown backend 'tflite'"),
     (["--backend", "packed", "--ternary", "base4"], "--ternary must be 2bit or base3"),
-    (["--backend", "packed", "--fp32"], "--fp32, --batch and --attention apply to --backend executorch only"),
-    (["--backend", "packed", "--attention", "fp32"], "--fp32, --batch and --attention apply to --backend executorch only"),
+    (["--backend", "packed", "--fp32"], "--fp32 does not apply to --backend packed (its options: --ternary)"),
+    (["--backend", "packed", "--attention", "fp32"], "--attention does not apply to --backend packed"),
     (["--backend", "executorch", "--attention", "int8"], "--attention must be vitqc or fp32"),
-    (["--backend", "executorch", "--batch", "0"], "--batch must be at least 1"),
+    (["--backend", "executorch", "--batch", "0"], "--batch must be >= 1, not 0"),
     (["--backend", "packed", "--out", "/nonexistent-dir/m.pt2"], "output directory '/nonexistent-dir' does not exist"),
 ])
 def test_option_errors_are_one_line(artifact, args, message, capsys, tmp_path):
@@ -40,18 +31,18 @@ def test_missing_or_unreadable_artifact(tmp_path, capsys):
     bad = tmp_path / "bad.vitqc"
     bad.write_bytes(b"not a zip")
     code, _, err = run(["export", bad, "--backend", "packed", "--out", tmp_path / "m.pt2"], capsys)
-    assert code == 2 and "not a readable vitqc artifact" in err
+    assert code == 2 and "broken vitqc file: not a complete zip archive" in err
     assert not (tmp_path / "m.pt2").exists()
 
 
 def test_packed_export_writes_a_loadable_program(artifact, tmp_path, capsys):
     path, gm = artifact
-    target = tmp_path / "tiny.packed.pt2"
+    target = tmp_path / "tiny.packed"  # no extension: files are recognised by content
     code, out, _ = run(["export", path, "--backend", "packed", "--out", target], capsys)
     assert code == 0, out
     assert "lowered 10 weight layers and 4 attention matmuls (0 left as the artifact runs them)" in out
     assert "bits/weight" in out and f"wrote {target}" in out
-    assert [p.name for p in tmp_path.iterdir()] == ["tiny.packed.pt2"]  # no temporary file left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.packed"]  # no temporary file left behind
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         ref, got = gm(x), load_packed(target).module()(x)

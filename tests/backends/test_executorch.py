@@ -19,7 +19,7 @@ def _calib():
 
 @pytest.fixture(scope="module")
 def w4a8():
-    return vitqc.compile(tiny_vit(), W4A8_HEAD8, _calib(), quiet=True)
+    return vitqc.compile(tiny_vit(), W4A8_HEAD8, _calib(), quiet=True).quantized
 
 
 def test_float_program_plans_each_layer(w4a8):
@@ -63,7 +63,7 @@ W4A4_TOKEN = ("canonicalize,insert_quantizers{weight_bits=4,act_bits=4,act_granu
 def test_per_token_a4_runs_exactly_as_vitqc(tmp_path):
     """XNNPACK's dynamic int8 re-quantizes vitqc's A4 per-token codes without loss (x17), so the .pte computes
     vitqc's integer program up to float rounding; the static A8 model above only comes close."""
-    q = vitqc.compile(tiny_vit(), W4A4_TOKEN, _calib(), quiet=True)
+    q = vitqc.compile(tiny_vit(), W4A4_TOKEN, _calib(), quiet=True).quantized
     result = lower_executorch(q, batch=2, announce=None)
     by_path = {l["path"]: l["activation"] for l in result.layers}
     assert by_path.pop("head") == "xnnpack-grid"  # kept at A8: XNNPACK's own rounding is vitqc's
@@ -87,7 +87,7 @@ W8A8_TOKEN = W4A4_TOKEN.replace("weight_bits=4,act_bits=4", "weight_bits=8,act_b
 def test_per_token_a8_is_left_to_xnnpack_and_still_follows_vitqc(ratio, tmp_path):
     """Per-token A8: vitqc's rounding is not computed, XNNPACK's dynamic int8 of the (clipped) row is the same
     grid; the .pte still computes vitqc's program up to float rounding, with a learned clip ratio too."""
-    q = vitqc.compile(tiny_vit(), W8A8_TOKEN, _calib(), quiet=True)
+    q = vitqc.compile(tiny_vit(), W8A8_TOKEN, _calib(), quiet=True).quantized
     if ratio is not None:
         with torch.no_grad():
             for name, t in [*q.named_parameters(), *q.named_buffers()]:
@@ -118,7 +118,7 @@ def _rewritten(gm, x):
 def test_quantizer_ops_rewritten_for_xnnpack_give_the_same_codes():
     """amax/amin as max pooling, round as floor(x + 0.5): the same program output (no exact ties in random data;
     LayerNorm's decomposition rounds differently, so compared in float, not bit for bit)."""
-    q = vitqc.compile(tiny_vit(), W4A4_TOKEN, _calib(), quiet=True)
+    q = vitqc.compile(tiny_vit(), W4A4_TOKEN, _calib(), quiet=True).quantized
     gm, _, example, _ = float_program(q)
     x = torch.randn(2, *example.shape[1:], generator=torch.Generator().manual_seed(5))
     before, after, targets = _rewritten(gm, x)
@@ -130,7 +130,7 @@ def test_quantizer_ops_rewritten_for_xnnpack_give_the_same_codes():
 
 def test_model_ops_rewritten_for_xnnpack_compute_the_same():
     """LayerNorm as 4-D means, batched matmul as bmm, unbind/select as slices: the float model's output kept."""
-    q = vitqc.compile(tiny_vit(), W4A4_TOKEN, _calib(), quiet=True)
+    q = vitqc.compile(tiny_vit(), W4A4_TOKEN, _calib(), quiet=True).quantized
     gm, _, example, _ = float_program(q, activations=False)
     x = torch.randn(2, *example.shape[1:], generator=torch.Generator().manual_seed(5))
     before, after, targets = _rewritten(gm, x)
@@ -142,7 +142,7 @@ def test_model_ops_rewritten_for_xnnpack_compute_the_same():
 
 def test_fp32_baseline_drops_every_activation_quantizer(tmp_path):
     """The baseline a quantized .pte is timed against: vitqc's dequantized weights, no quantizer, no rounding."""
-    q = vitqc.compile(tiny_vit(), W4A4_TOKEN, _calib(), quiet=True)
+    q = vitqc.compile(tiny_vit(), W4A4_TOKEN, _calib(), quiet=True).quantized
     gm, _, _, _ = float_program(q, activations=False)
     targets = {n.target for n in gm.graph.nodes}
     assert torch.ops.aten.round.default not in targets and torch.ops.aten.matmul.default in targets
@@ -163,7 +163,7 @@ def test_float_attention_keeps_the_linears_quantized(tmp_path):
     linears keep theirs, and the .pte follows that float-attention program. Not to 1e-5 as with vitqc's
     attention: XNNPACK's float softmax/bmm differ from torch's in the last bits, and the next A4 quantizer turns
     some of those into whole steps (1 % here), an order of magnitude below what dropping A4 attention changes."""
-    q = vitqc.compile(tiny_vit(), W4A4_TOKEN, _calib(), quiet=True)
+    q = vitqc.compile(tiny_vit(), W4A4_TOKEN, _calib(), quiet=True).quantized
     gm, plans, _, _ = float_program(q, attention="fp32")
     assert not any(type(m).__name__ == "IntMatmul" for m in gm.modules())
     assert type(gm.get_submodule("blocks.0.mlp.fc1")).__name__ == "QuantizedInput"

@@ -33,7 +33,7 @@ def lowered():
     """Each scheme compiled once and lowered once (lowering = two torch.export traces: the slow part)."""
     out = {}
     for name, pipe in (("w8a8", "minmax-w8a8"), ("w4a8", W4A8), ("w4a4", "minmax-w4a4")):
-        gm = vitqc.compile(tiny_vit(), pipe, calib_batches(), quiet=True)
+        gm = vitqc.compile(tiny_vit(), pipe, calib_batches(), quiet=True).quantized
         out[name] = (gm, lower_packed(gm))
     return out
 
@@ -89,10 +89,9 @@ def test_int_mm_takes_any_shape_on_cpu():
 
 def test_save_load_round_trip_without_pickle(lowered, tmp_path):
     gm, packed = lowered["w4a8"]
-    path = save_packed(packed, tmp_path / "m.pt2")
+    path = save_packed(packed, tmp_path / "m.packed")
     names = zipfile.ZipFile(path).namelist()
-    assert any(n.endswith("extra/vitqc-packed.json") for n in names)
-    assert not any(n.endswith("data.pkl") for n in names)  # weights are raw bytes + JSON configs
+    assert sorted(names) == ["manifest.json", "program/program.json", "program/weights.safetensors"]
     loaded = load_packed(path)
     assert loaded.manifest == packed.manifest and loaded.eager is None
     x = _images(5)
@@ -105,14 +104,14 @@ def test_save_load_round_trip_without_pickle(lowered, tmp_path):
 
 def test_errors_are_one_line():
     with pytest.raises(VitqcError, match="materialize"):
-        lower_packed(vitqc.compile(tiny_vit(), "canonicalize,insert_quantizers,calibrate", calib_batches(), quiet=True))
+        lower_packed(vitqc.compile(tiny_vit(), "canonicalize,insert_quantizers,calibrate", calib_batches(), quiet=True).quantized)
     with pytest.raises(VitqcError, match="no integer layers"):
         lower_packed(tiny_vit())
     with pytest.raises(VitqcError, match="ternary"):
         lower_packed(tiny_vit(), ternary="base4")
     with pytest.raises(VitqcError, match="not found"):
         load_packed("/nonexistent/m.pt2")
-    with pytest.raises(VitqcError, match="not a readable"):
+    with pytest.raises(VitqcError, match="broken vitqc file: not a complete zip"):
         buf = io.BytesIO(b"not a zip")
         path = __import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "x.pt2"
         path.write_bytes(buf.getvalue())

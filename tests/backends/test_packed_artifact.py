@@ -25,7 +25,7 @@ def _rel(got, ref):
 
 
 def _artifact(tmp_path, pipeline):
-    gm = vitqc.compile(tiny_vit(), pipeline, calib_batches(), quiet=True)
+    gm = vitqc.compile(tiny_vit(), pipeline, calib_batches(), quiet=True).quantized
     layers = gm.meta["vitqc"]["record"]["insert_quantizers"]["layers"]
     path = save_artifact(tmp_path / "m.vitqc", export_program(gm, calib_batches()[0][:1]), None,
                          {"layers": layers, "input_shape": [3, 16, 16]})

@@ -66,7 +66,8 @@ def test_compile_demo_then_eval_the_artifact(tmp_path, capsys, digits_folder):
     cal = next(p for p in m["pipeline"]["passes"] if p["name"] == "calibrate")
     assert cal["options"]["method"] == "percentile"
     assert {"torch", "timm", "vitqc"} <= set(m["versions"])
-    ev = m["summary"]["eval"]
+    ev = m["summary"]["measurement"]
+    assert ev["on"] == "eval" and ev["data"] == "demo test split"
     assert ev["labeled"] == 500 and ev["quantized_top1"] > 0.9 and ev["agreement"] > 0.95
     assert sorted(p.name for p in (tmp_path / "graphs").iterdir())[0] == "00_captured.txt"
 
@@ -94,7 +95,7 @@ def test_eval_a_plain_model_file(tmp_path, capsys, digits_folder):
     (["compile", "demo", "--pipeline", "minmax-w8a8", "--set", "nopass.x=1"], "no pass 'nopass'"),
     (["compile", "demo", "--pipeline", "minmax-w8a8", "--out", "/nonexistent-dir/x.vitqc"], "does not exist"),
     (["compile", "demo", "--pipeline", "minmax-w8a8", "--calib", "images:{empty}"], "empty"),
-    (["compile", "timm:vit_tiny_patch16_224", "--pipeline", "minmax-w8a8"], "--calib is required"),
+    (["compile", "timm:vit_tiny_patch16_224", "--pipeline", "minmax-w8a8"], "calibration images are required"),
     (["eval", "{empty}", "--data", "{empty}"], "empty"),
     (["compile", "{corrupt}", "--pipeline", "minmax-w8a8", "--calib", "images:."], "corrupt.pt"),
 ])

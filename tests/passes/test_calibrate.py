@@ -11,7 +11,7 @@ import vitqc
 
 def test_calibrate_sets_every_range_and_w8a8_tracks_fp(calib):
     model = tiny_vit()
-    q = vitqc.compile(model, Pipeline.from_list(["canonicalize", "insert_quantizers", "calibrate"]), calib, quiet=True)
+    q = vitqc.compile(model, Pipeline.from_list(["canonicalize", "insert_quantizers", "calibrate"]), calib, quiet=True).quantized
     assert check_property("calibrated", q)
     x = torch.cat(calib)
     with torch.no_grad():
@@ -27,7 +27,7 @@ def test_calibrate_sets_every_range_and_w8a8_tracks_fp(calib):
 
 def test_activation_ranges_come_from_the_calibration_images(calib):
     model = tiny_vit()
-    q = vitqc.compile(model, "canonicalize,insert_quantizers,calibrate", calib, quiet=True)
+    q = vitqc.compile(model, "canonicalize,insert_quantizers,calibrate", calib, quiet=True).quantized
     iq = q.get_submodule("patch_embed.proj").input_quantizer  # sees the raw images
     x = torch.cat(calib)
     lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
@@ -42,7 +42,7 @@ def test_lower_bits_mean_larger_error(calib):
         errs = []
         for bits in (8, 6, 4):
             q = vitqc.compile(tiny_vit(), f"canonicalize,insert_quantizers{{weight_bits={bits},act_bits={bits}}},calibrate",
-                              calib, quiet=True)
+                              calib, quiet=True).quantized
             errs.append(((q(x) - ref).norm() / ref.norm()).item())
     assert errs[0] < errs[1] < errs[2]
 
@@ -50,7 +50,7 @@ def test_lower_bits_mean_larger_error(calib):
 def test_mse_method_lowers_weight_error_at_4_bits(calib):
     def weight_err(method):
         q = vitqc.compile(tiny_vit(), "canonicalize,insert_quantizers{weight_bits=4},calibrate", calib, quiet=True,
-                          calibrate__weight_method=method)
+                          calibrate__weight_method=method).quantized
         fc = q.get_submodule("blocks.0.mlp.fc1")
         w = fc.weight.detach()
         return ((fc.weight_quantizer(w) - w) ** 2).mean().item()
@@ -61,4 +61,4 @@ def test_mse_method_lowers_weight_error_at_4_bits(calib):
 def test_calibrate_without_images_says_how_to_give_them():
     with pytest.raises(vitqc.VitqcError, match="--calib"):
         vitqc.compile(tiny_vit(), "canonicalize,insert_quantizers,calibrate", None, quiet=True,
-                      example=torch.randn(1, 3, 16, 16))
+                      example=torch.randn(1, 3, 16, 16)).quantized

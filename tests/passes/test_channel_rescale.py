@@ -12,7 +12,7 @@ PREFIX = ["canonicalize", "insert_quantizers"]
 
 def rescaled(model, calib, **options):
     """Quantizers inserted but disabled (FP), then channel_rescale: must compute exactly the FP function."""
-    gm = vitqc.compile(model, Pipeline.from_list(PREFIX + [("channel_rescale", options)]), calib, quiet=True)
+    gm = vitqc.compile(model, Pipeline.from_list(PREFIX + [("channel_rescale", options)]), calib, quiet=True).quantized
     for q in quantizers(gm).values():
         q.enabled = False
     return gm
@@ -96,17 +96,17 @@ def test_post_norm_layernorm_feeding_the_residual_is_not_folded(calib):
 
     model = PostNorm().eval()
     x = torch.randn(4, 3, 8)
-    gm = vitqc.compile(model, Pipeline.from_list(PREFIX + ["channel_rescale"]), [x], quiet=True)
+    gm = vitqc.compile(model, Pipeline.from_list(PREFIX + ["channel_rescale"]), [x], quiet=True).quantized
     assert gm.meta["vitqc"]["record"]["channel_rescale"]["folds"] == []
 
 
 def test_materialize_folds_factors_into_layernorm_and_weights(calib):
     pipe = Pipeline.from_list(PREFIX + ["channel_rescale", "calibrate"])
-    fake = vitqc.compile(tiny_vit(), pipe, calib, quiet=True)
+    fake = vitqc.compile(tiny_vit(), pipe, calib, quiet=True).quantized
     x = torch.cat(calib)
     with torch.no_grad():
         before = fake(x)
-    q = vitqc.compile(fake, "materialize", quiet=True, example=x[:1])
+    q = vitqc.compile(fake, "materialize", quiet=True, example=x[:1]).quantized
     assert type(q.get_submodule("blocks.0.norm1")) is nn.LayerNorm
     assert not any(isinstance(m, ChannelFactors) for m in q.modules())
     with torch.no_grad():
@@ -115,7 +115,7 @@ def test_materialize_folds_factors_into_layernorm_and_weights(calib):
 
 
 def test_factors_receive_gradients_when_quantized(calib):
-    gm = vitqc.compile(tiny_vit(), Pipeline.from_list(PREFIX + ["channel_rescale", "calibrate"]), calib, quiet=True)
+    gm = vitqc.compile(tiny_vit(), Pipeline.from_list(PREFIX + ["channel_rescale", "calibrate"]), calib, quiet=True).quantized
     out = gm(torch.cat(calib)[:8])
     out.square().mean().backward()
     grad = gm.get_submodule("blocks.0.norm1").factors.log_factors.grad

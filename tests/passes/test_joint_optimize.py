@@ -29,8 +29,8 @@ def test_joint_w4a4_beats_minmax_w4a4_agreement_with_fp():
     calib = demo_calibration(size=256, seed=0)
     fp = load_demo_model()
     test = list(demo_eval_batches())
-    minmax = vitqc.compile(load_demo_model(), "minmax-w4a4", calib, quiet=True)
-    joint = vitqc.compile(load_demo_model(), joint_pipeline(150, lr_quant=1e-2), calib, quiet=True)
+    minmax = vitqc.compile(load_demo_model(), "minmax-w4a4", calib, quiet=True).quantized
+    joint = vitqc.compile(load_demo_model(), joint_pipeline(150, lr_quant=1e-2), calib, quiet=True).quantized
     record = joint.meta["vitqc"]["record"]["joint_optimize"]
     assert record["final"]["loss"] < record["first_loss"]
     assert record["feature_scopes"] == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
@@ -44,13 +44,13 @@ def trained_state(gm):
 
 def test_resume_continues_to_the_same_result(tmp_path, calib, monkeypatch):
     pipe = joint_pipeline(12, checkpoint_every=4)
-    uninterrupted = trained_state(vitqc.compile(tiny_vit(), pipe, calib, quiet=True))
+    uninterrupted = trained_state(vitqc.compile(tiny_vit(), pipe, calib, quiet=True).quantized)
 
     crash_after(monkeypatch, jo._RunState, "save", lambda state: state.step == 8)  # after the second checkpoint
     with pytest.raises(KeyboardInterrupt):
-        vitqc.compile(tiny_vit(), pipe, calib, quiet=True, work_dir=str(tmp_path))
+        vitqc.compile(tiny_vit(), pipe, calib, quiet=True, work_dir=str(tmp_path)).quantized
     monkeypatch.undo()
-    resumed = vitqc.compile(tiny_vit(), pipe, calib, quiet=True, work_dir=str(tmp_path), resume=True)
+    resumed = vitqc.compile(tiny_vit(), pipe, calib, quiet=True, work_dir=str(tmp_path), resume=True).quantized
     assert resumed.meta["vitqc"]["record"]["joint_optimize"]["resumed_from"] == 8
     state = trained_state(resumed)
     assert state.keys() == uninterrupted.keys()
@@ -59,10 +59,10 @@ def test_resume_continues_to_the_same_result(tmp_path, calib, monkeypatch):
 
 
 def test_resume_refuses_a_checkpoint_made_with_other_options(tmp_path, calib):
-    vitqc.compile(tiny_vit(), joint_pipeline(4, checkpoint_every=2), calib, quiet=True, work_dir=str(tmp_path))
+    vitqc.compile(tiny_vit(), joint_pipeline(4, checkpoint_every=2), calib, quiet=True, work_dir=str(tmp_path)).quantized
     with pytest.raises(vitqc.VitqcError, match="other joint_optimize options"):
         vitqc.compile(tiny_vit(), joint_pipeline(4, batch_size=8), calib, quiet=True, work_dir=str(tmp_path),
-                      resume=True)
+                      resume=True).quantized
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, calib, monkeypatch):
@@ -76,13 +76,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cali
 
     monkeypatch.setattr(jo, "augment", poisoned)
     with pytest.raises(vitqc.VitqcError, match=r"loss became nan at step 5; the last good checkpoint is kept"):
-        vitqc.compile(tiny_vit(), joint_pipeline(10, checkpoint_every=4), calib, quiet=True, work_dir=str(tmp_path))
+        vitqc.compile(tiny_vit(), joint_pipeline(10, checkpoint_every=4), calib, quiet=True, work_dir=str(tmp_path)).quantized
     saved = torch.load(tmp_path / jo.CHECKPOINT_NAME, weights_only=True)
     assert saved["step"] == 4 and all(torch.isfinite(v).all() for v in saved["params"].values())
 
 
 def test_blockwise_mode_trains_each_block_in_turn(calib):
-    gm = vitqc.compile(tiny_vit(), joint_pipeline(6, mode="blockwise"), calib, quiet=True)
+    gm = vitqc.compile(tiny_vit(), joint_pipeline(6, mode="blockwise"), calib, quiet=True).quantized
     record = gm.meta["vitqc"]["record"]["joint_optimize"]
     assert record["mode"] == "blockwise" and record["feature_scopes"] == ["blocks.0", "blocks.1"]
     stages = jo.JointOptimize({"mode": "blockwise"})._stages(
@@ -100,7 +100,7 @@ def test_iterations_and_batch_size_are_overridable():
 def test_activation_checkpointing_gives_the_same_outputs_and_gradients(calib):
     from vitqc.scopes import block_scopes, with_scope_outputs
 
-    gm = vitqc.compile(tiny_vit(), Pipeline.from_list(joint_pipeline(1).steps[:-1]), calib, quiet=True)
+    gm = vitqc.compile(tiny_vit(), Pipeline.from_list(joint_pipeline(1).steps[:-1]), calib, quiet=True).quantized
     blocks = block_scopes(gm, jo.JointOptimizeOptions().features)
     plain = with_scope_outputs(gm, blocks)
     checkpointed = jo.checkpointed_blocks(plain, blocks)
@@ -119,8 +119,8 @@ def test_activation_checkpointing_gives_the_same_outputs_and_gradients(calib):
 
 
 def test_activation_checkpointing_option_trains_to_the_same_result(calib):
-    a = trained_state(vitqc.compile(tiny_vit(), joint_pipeline(3), calib, quiet=True))
-    b = trained_state(vitqc.compile(tiny_vit(), joint_pipeline(3, activation_checkpointing=True), calib, quiet=True))
+    a = trained_state(vitqc.compile(tiny_vit(), joint_pipeline(3), calib, quiet=True).quantized)
+    b = trained_state(vitqc.compile(tiny_vit(), joint_pipeline(3, activation_checkpointing=True), calib, quiet=True).quantized)
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
@@ -129,8 +129,8 @@ def test_activation_checkpointing_option_trains_to_the_same_result(calib):
 def test_compile_option_trains_to_the_same_result(calib):
     """joint_optimize.compile (torch.compile of teacher and student) changes how the step runs, not what it
     computes (up to float reassociation in the fused kernels); the first steps are timed apart."""
-    eager = vitqc.compile(tiny_vit(), joint_pipeline(4), calib, quiet=True)
-    compiled = vitqc.compile(tiny_vit(), joint_pipeline(4, compile=True), calib, quiet=True)
+    eager = vitqc.compile(tiny_vit(), joint_pipeline(4), calib, quiet=True).quantized
+    compiled = vitqc.compile(tiny_vit(), joint_pipeline(4, compile=True), calib, quiet=True).quantized
     a, b = trained_state(eager), trained_state(compiled)
     assert a.keys() == b.keys()
     for name in a:
@@ -149,10 +149,10 @@ def test_compile_mode_reaches_torch_compile_and_needs_compile(calib, monkeypatch
         return module
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    vitqc.compile(tiny_vit(), joint_pipeline(1, compile=True, compile_mode="reduce-overhead"), calib, quiet=True)
+    vitqc.compile(tiny_vit(), joint_pipeline(1, compile=True, compile_mode="reduce-overhead"), calib, quiet=True).quantized
     assert modes == ["reduce-overhead", "reduce-overhead"]
     with pytest.raises(VitqcError, match="compile_mode='reduce-overhead' needs joint_optimize.compile=true"):
-        vitqc.compile(tiny_vit(), joint_pipeline(1, compile_mode="reduce-overhead"), calib, quiet=True)
+        vitqc.compile(tiny_vit(), joint_pipeline(1, compile_mode="reduce-overhead"), calib, quiet=True).quantized
 
 
 def test_amp_cpu_runs_the_step_under_bf16_autocast_where_the_cpu_has_bf16(calib, monkeypatch):
@@ -166,11 +166,11 @@ def test_amp_cpu_runs_the_step_under_bf16_autocast_where_the_cpu_has_bf16(calib,
         return out
 
     monkeypatch.setattr(torch.nn.functional, "linear", spy)
-    gm = vitqc.compile(tiny_vit(), joint_pipeline(2, amp_cpu=True), calib, quiet=True)
+    gm = vitqc.compile(tiny_vit(), joint_pipeline(2, amp_cpu=True), calib, quiet=True).quantized
     record = gm.meta["vitqc"]["record"]["joint_optimize"]
     assert record["autocast"] == "bf16" and torch.bfloat16 in seen
     assert all(torch.isfinite(torch.tensor(v)) for v in record["final"].values())
-    assert vitqc.compile(tiny_vit(), joint_pipeline(1), calib, quiet=True).meta["vitqc"]["record"]["joint_optimize"]["autocast"] is None
+    assert vitqc.compile(tiny_vit(), joint_pipeline(1), calib, quiet=True).quantized.meta["vitqc"]["record"]["joint_optimize"]["autocast"] is None
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     with pytest.raises(VitqcError, match="no native bf16 .*leave amp_cpu off"):
-        vitqc.compile(tiny_vit(), joint_pipeline(1, amp_cpu=True), calib, quiet=True)
+        vitqc.compile(tiny_vit(), joint_pipeline(1, amp_cpu=True), calib, quiet=True).quantized

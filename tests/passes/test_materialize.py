@@ -13,11 +13,11 @@ def _rel(got, ref):
 
 def test_materialize_computes_in_integers_what_the_fake_quant_graph_computes(calib):
     fake = vitqc.compile(tiny_vit(), "canonicalize,insert_quantizers{weight_bits=4,act_bits=8},calibrate", calib,
-                         quiet=True)
+                         quiet=True).quantized
     x = torch.cat(calib)
     with torch.no_grad():
         before = fake(x)
-    q = vitqc.compile(fake, "materialize", quiet=True, example=x[:1])
+    q = vitqc.compile(fake, "materialize", quiet=True, example=x[:1]).quantized
     with torch.no_grad():
         after = q(x)
     # same codes, exact accumulation instead of fp32 rounding of dequantized values: equal up to that rounding,
@@ -38,7 +38,7 @@ def test_materialize_computes_in_integers_what_the_fake_quant_graph_computes(cal
 
 def test_ternary_codes(calib):
     q = vitqc.compile(tiny_vit(), "canonicalize,insert_quantizers{weight_bits=1.58},calibrate,materialize", calib,
-                      quiet=True)
+                      quiet=True).quantized
     codes = q.get_submodule("blocks.0.attn.qkv").weight_codes
     assert set(codes.unique().tolist()) <= {-1, 0, 1}
 
@@ -47,7 +47,7 @@ def test_each_integer_layer_is_the_dequantized_formula_on_its_own_input(calib):
     """Layer by layer, no propagation: the integer kernel vs Q_in(x) @ dequantized_weight^T + b in float."""
     for pipe in ("minmax-w8a8", "minmax-w4a4",
                  "canonicalize,insert_quantizers{act_granularity='token',weight_symmetric=false},calibrate,materialize"):
-        q = vitqc.compile(tiny_vit(), pipe, calib, quiet=True)
+        q = vitqc.compile(tiny_vit(), pipe, calib, quiet=True).quantized
         seen = int_layer_io(q, torch.cat(calib)[:8])
         assert len(seen) == 10
         for name, (inp, out) in seen.items():

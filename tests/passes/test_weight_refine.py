@@ -8,7 +8,7 @@ from vitqc.quant.modules import QUANT_LAYERS, QuantLinear
 
 def test_refinement_moves_weights_by_at_most_one_step_and_materialize_stores_what_was_used(calib):
     pipe = Pipeline.from_list(["canonicalize", ("insert_quantizers", {"weight_bits": 4}), "weight_refine", "calibrate"])
-    fake = vitqc.compile(tiny_vit(), pipe, calib, quiet=True)
+    fake = vitqc.compile(tiny_vit(), pipe, calib, quiet=True).quantized
     layers = [m for m in fake.modules() if isinstance(m, QuantLinear)]
     assert all(m.refinement is not None and torch.count_nonzero(m.refinement) == 0 for m in layers)
     torch.manual_seed(0)
@@ -22,7 +22,7 @@ def test_refinement_moves_weights_by_at_most_one_step_and_materialize_stores_wha
     with torch.no_grad():
         used = {name: m.quantized_weight() for name, m in fake.named_modules() if isinstance(m, QuantLinear)}
         student = fake(x)
-    q = vitqc.compile(fake, "materialize", quiet=True, example=x[:1])
+    q = vitqc.compile(fake, "materialize", quiet=True, example=x[:1]).quantized
     with torch.no_grad():
         for name, weight in used.items():  # the stored integers are exactly the weights the student used
             assert torch.equal(q.get_submodule(name).dequantized_weight(), weight), name
@@ -38,7 +38,7 @@ def test_refinement_penalty_value_and_gradient_are_autograds(calib):
     from vitqc.passes.weight_refine import RefinementPenalty
 
     pipe = Pipeline.from_list(["canonicalize", ("insert_quantizers", {"weight_bits": 4}), "weight_refine", "calibrate"])
-    fake = vitqc.compile(tiny_vit(), pipe, calib, quiet=True)
+    fake = vitqc.compile(tiny_vit(), pipe, calib, quiet=True).quantized
     layers = [m for m in fake.modules() if isinstance(m, QUANT_LAYERS)]  # the patch conv too
     torch.manual_seed(0)
     for m in layers:

@@ -34,15 +34,14 @@ from __future__ import annotations
 
 import math
 import operator
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, fx, nn
 
+from vitqc.backends import register_backend
 from vitqc.backends.program import (ActBuffers, ActQuant, Unsupported, act_quant, finish, integer_layers,
                                    modules_by_type, regions_of)
 from vitqc.errors import VitqcError
@@ -509,18 +508,10 @@ def _portable_ops(gm: fx.GraphModule) -> dict[str, int]:
 
 
 def save_pte(result: PteResult, path: str | Path) -> Path:
-    from vitqc.artifact import check_writable
+    """Write the ``.pte`` (a temporary file, then a rename)."""
+    from vitqc.archive import write_bytes
 
-    path = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(result.buffer)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes(path, result.buffer, what=".pte")
 
 
 def load_pte(path: str | Path):
@@ -544,3 +535,29 @@ def run_pte(method, x: Tensor, batch: int = 1) -> Tensor:
             chunk = torch.cat([chunk, chunk.new_zeros(batch - n, *chunk.shape[1:])])
         outs.append(method.execute([chunk.contiguous()])[0][:n])
     return torch.cat(outs)
+
+
+@register_backend
+class ExecutorchBackend:
+    name = "executorch"
+    summary = "ExecuTorch .pte for XNNPACK (phones, edge CPUs); says what it runs instead of the scheme"
+    suffix = ".pte"
+
+    @dataclass
+    class Options:
+        batch: int = 1  # static batch size of the program
+        fp32: bool = False  # lower the float model (dequantized weights, no quantization) as a baseline
+        attention: str = "vitqc"  # vitqc: attention matmuls on vitqc's codes; fp32: float (faster, not the scheme)
+        limits: ClassVar[dict[str, str]] = {"batch": ">= 1"}
+
+        def __post_init__(self) -> None:
+            if self.attention not in ATTENTION:
+                raise VitqcError(f"--attention must be {' or '.join(ATTENTION)}, got {self.attention!r}")
+
+    def export(self, artifact: Any, path: Path, options: "ExecutorchBackend.Options", say) -> Path:
+        result = lower_executorch(artifact, fp32=options.fp32, batch=options.batch, attention=options.attention,
+                                  announce=say)
+        written = save_pte(result, path)
+        portable = ", ".join(f"{name} x{n}" for name, n in result.portable_ops.items()) or "none"
+        say(f"{result.delegates} XNNPACK delegate segments; on portable kernels between them: {portable}")
+        return written

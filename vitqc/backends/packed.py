@@ -8,7 +8,7 @@ carry ``<path>`` in their ``nn_module_stack`` (:mod:`vitqc.backends.program`); t
 ``[qmin, qmax]`` is read from that region's integer-bounded ``clamp`` (an asymmetric 8-bit grid appears twice:
 as itself on the zero point and shifted into int8 on the codes). Every quantizer likewise
 (``<path>.initialized``). The region is replaced by one module call and the graph re-exported, so the result
-is again a ``torch.export`` program (saved with ``torch.export.save``: raw tensors + JSON, no pickle).
+is again a ``torch.export`` program (saved as JSON + safetensors by :mod:`vitqc.archive`: nothing in the file runs).
 
 What runs: the integer kernels of :mod:`vitqc.quant.intops`, the very functions the source program's
 ``IntLinear`` / ``IntConv2d`` / ``IntMatmul`` call, so the packed model is bit-identical to the artifact's
@@ -46,8 +46,6 @@ non-patchify convolutions stay as the source program runs them (listed in the ma
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from vitqc.backends import packing
+from vitqc.archive import member_reader, open_archive, program_members, read_manifest, read_program, write_archive
+from vitqc.backends import packing, register_backend
 from vitqc.backends.program import ASSERTS, ActBuffers, ActQuant, Region, Unsupported, act_quant, finish, \
     integer_layers, is_tensor_node, modules_by_type, quantized_program, stack_paths
 from vitqc.errors import VitqcError
@@ -65,8 +64,7 @@ from vitqc.quant.intops import integer_linear, patches
 __all__ = ["ActQuant", "PackedLinear", "PackedPatchConv", "PackedProgram", "lower_packed",
            "save_packed", "load_packed", "fold_unpack", "quantized_program", "PACKED_FORMAT"]
 
-PACKED_FORMAT = "vitqc-packed/1"
-MANIFEST_NAME = "vitqc-packed.json"
+PACKED_FORMAT = "vitqc-packed/2"
 TERNARY_BITS = 1.58
 
 
@@ -210,6 +208,16 @@ class PackedProgram:
     program: torch.export.ExportedProgram
     manifest: dict[str, Any]
     eager: fx.GraphModule | None = None  # the rewritten graph with the packed modules (not kept by save/load)
+
+    @property
+    def preprocess(self):
+        """The artifact's preprocessing (a :class:`vitqc.data.Preprocess`), carried into the packed file."""
+        from vitqc.data import Preprocess
+
+        recorded = self.manifest.get("source", {}).get("preprocess")
+        if not isinstance(recorded, dict):
+            raise VitqcError("this packed model records no preprocessing: export it again from its artifact")
+        return Preprocess.from_dict(recorded)
 
     def module(self, unpack: str = "call", compile: bool = False) -> nn.Module:
         """A callable module; ``unpack="load"`` unpacks the weights to int8 once (see :func:`fold_unpack`).
@@ -385,38 +393,50 @@ def _fetch_attr(gm: nn.Module, target: str) -> Any:
 # ----------------------------------------------------------------------------------------------- save / load
 
 def save_packed(packed: PackedProgram, path: str | Path) -> Path:
-    """Write the packed program (``torch.export.save``: raw tensors + JSON graph, no pickle) with its manifest
-    as an extra file, through a temporary file and a rename."""
-    from vitqc.artifact import check_writable
+    """Write the packed program with its manifest as a vitqc archive (``manifest.json`` + the program as JSON
+    and safetensors, :mod:`vitqc.archive`: nothing in it runs when read), through a temporary file and a rename."""
+    members = {"manifest.json": json.dumps(packed.manifest, indent=2).encode()}
+    members.update(program_members(packed.program, "program"))
+    return write_archive(path, members, what="packed model")
 
-    path = check_writable(path)
-    # debugging metadata (source stack traces) and the traced example batch are a large share of a small
-    # model's file and are not needed to run it; `nn_module_stack` is kept (fold_unpack reads it)
-    for node in packed.program.graph.nodes:
-        for key in ("stack_trace", "source_fn_stack", "from_node", "seq_nr", "torch_fn"):
-            node.meta.pop(key, None)
-    packed.program._example_inputs = None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.pt2", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
-    try:
-        torch.export.save(packed.program, tmp, extra_files={MANIFEST_NAME: json.dumps(packed.manifest, indent=2)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+_PACKED_REQUIRED = {"format": (str, "the format tag"), "source": (dict, "the artifact it came from"),
+                    "layers": (list, "what was lowered"), "summary": (dict, "sizes")}
 
 
 def load_packed(path: str | Path) -> PackedProgram:
+    """Read a packed model; a broken or hostile file is refused in one line (nothing in it runs)."""
     path = Path(path)
-    if not path.is_file():
-        raise VitqcError(f"packed model {str(path)!r} not found; write one with `vitqc export ART --backend packed`")
-    extra = {MANIFEST_NAME: ""}
-    try:
-        program = torch.export.load(path, extra_files=extra)
-        manifest = json.loads(extra[MANIFEST_NAME])
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise VitqcError(f"{str(path)!r} is not a readable packed vitqc model ({type(exc).__name__})") from None
-    if manifest.get("format") != PACKED_FORMAT:
-        raise VitqcError(f"{str(path)!r} has format {manifest.get('format')!r}, this vitqc reads {PACKED_FORMAT!r}")
+    where = repr(str(path))
+    with open_archive(path, "packed model") as zf:
+        manifest = read_manifest(zf, where, PACKED_FORMAT, _PACKED_REQUIRED)
+        program = read_program(member_reader(zf, where), "program", where)
     return PackedProgram(program, manifest)
+
+
+@register_backend
+class PackedBackend:
+    name = "packed"
+    summary = "integer kernels over bit-packed weights (torch._int_mm), bit-identical to the artifact"
+    suffix = ".packed.vitqc"
+
+    @dataclass
+    class Options:
+        ternary: str = "2bit"  # ternary weights as 2bit (4 a byte) or base3 (5 a byte)
+
+        def __post_init__(self) -> None:
+            if self.ternary not in ("2bit", "base3"):
+                raise VitqcError(f"--ternary must be 2bit or base3, got {self.ternary!r}")
+
+    def export(self, artifact: Any, path: Path, options: "PackedBackend.Options", say) -> Path:
+        packed = lower_packed(artifact, ternary=options.ternary)
+        written = save_packed(packed, path)
+        s = packed.manifest["summary"]
+        bits = 8 * (s["packed_bytes"] + s["per_channel_bytes"]) / max(s["weight_params"], 1)
+        say(f"lowered {s['weight_layers']} weight layers and {s['attention_matmuls']} attention matmuls"
+            f" ({s['not_lowered']} left as the artifact runs them)")
+        for item in packed.manifest["not_lowered"]:
+            say(f"  not lowered: {item['path']}: {item['reason']}")
+        say(f"weights: {s['packed_bytes']:,} packed bytes + {s['per_channel_bytes']:,} bytes of scales/zero "
+            f"points for {s['weight_params']:,} weights ({bits:.2f} bits/weight)")
+        return written

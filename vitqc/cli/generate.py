@@ -1,7 +1,4 @@
-"""``vitqc generate``: write calibration images from a data-free source as a resumable ImageFolder cache.
-
-    vitqc generate MODEL --calib SOURCE --out DIR [--per-class N] [--shard-size N] [--opt KEY=VALUE ...]
-    vitqc compile MODEL --pipeline NAME --calib DIR     # reuses the cache
+"""``vitqc generate MODEL --calib SOURCE --out DIR``: the command over :func:`vitqc.calib.spec.generate`.
 
 Under ``torchrun --nproc-per-node G vitqc generate ...`` the classes are split across the G ranks.
 """
@@ -13,13 +10,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from vitqc.cli.main import (Channels, Checkpoint, CropPct, ImgSize, Interp, Mean, ModelKwargs, Pretrained, Std,
-                            _model_and_preprocess, app, out)
-from vitqc.errors import VitqcError
+from vitqc.cli.options import (Channels, Checkpoint, CropPct, ImgSize, Interp, Mean, ModelKwargs, Pretrained, Seed,
+                               Std, model_options, preprocess_from_flags)
 
 
-@app.command()
-def generate(
+def generate_command(
     model: Annotated[str, typer.Argument(help="the FP model: demo | timm:NAME | model.pt | program.pt2 | file.py:factory")],
     calib: Annotated[str, typer.Option("--calib", help="inversion | noise | prompts | learned-prompts[:FILE] (KIND:key=value,... sets options)")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="cache directory (resumed when it holds an unfinished run)")],
@@ -28,7 +23,7 @@ def generate(
     opt: Annotated[list[str], typer.Option("--opt", help="source option KEY=VALUE, repeatable (e.g. steps=100)")] = [],
     class_names: Annotated[Optional[Path], typer.Option("--class-names", help="class names, one per line (needed for prompts / learned-prompts unless the model is an ImageNet one)")] = None,
     diffusion: Annotated[Optional[str], typer.Option("--diffusion", help="SD-Turbo hub id or local diffusers folder (default stabilityai/sd-turbo)")] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Seed = 0,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda when available; cuda:LOCAL_RANK under torchrun)")] = None,
     model_kwargs: ModelKwargs = None, checkpoint: Checkpoint = None, pretrained: Pretrained = False,
     img_size: ImgSize = None, mean: Mean = None, std: Std = None, interpolation: Interp = "bicubic",
@@ -36,26 +31,14 @@ def generate(
 ) -> None:
     """Generate calibration images without real data into an ImageFolder cache (DIR/<class>/*.png + manifest.json)."""
     from vitqc.calib import distributed as dist
-    from vitqc.calib.cache import write_cache
-    from vitqc.calib.spec import make_cli_source, parse_options
-    from vitqc.data import parse_calib_spec
+    from vitqc.calib.spec import generate
+    from vitqc.console import out
 
-    kind, value = parse_calib_spec(calib)
-    if kind in ("images", "demo"):
-        raise VitqcError("vitqc generate makes data-free calibration images: use --calib inversion, noise, prompts "
-                         "or learned-prompts (images:DIR is read directly by vitqc compile)")
     started = time.time()
-    dist.init_from_env()
-    if device is None and dist.world_size() > 1:
-        device = str(dist.local_device())
-    module, _, pre = _model_and_preprocess(model, model_kwargs, checkpoint, pretrained, img_size, mean, std,
-                                           interpolation, crop_pct, channels)
-    extra = list(opt)
-    if kind == "learned-prompts" and "embeddings" not in parse_options(kind, value, extra):
-        extra.append(f"embeddings='{(out_dir / 'learned_prompts.safetensors').as_posix()}'")  # reused on resume
-    source = make_cli_source(kind, value, module, pre, class_names=class_names, diffusion=diffusion, seed=seed,
-                             extra=extra, device=device)
-    stats = write_cache(source, out_dir, per_class, shard_size=shard_size, extra={"model": model})
+    stats = generate(model, calib, out_dir, per_class, shard_size=shard_size, options=opt, class_names=class_names,
+                     diffusion=diffusion, seed=seed, device=device,
+                     preprocess=preprocess_from_flags(img_size, mean, std, interpolation, crop_pct, channels),
+                     model_options=model_options(model_kwargs, checkpoint, pretrained))
     if dist.is_main():
         rate = f"{stats['images_per_second']:.1f} images/s" if stats["generated"] else "nothing left to do"
         who = f"rank 0 of {dist.world_size()} " if dist.world_size() > 1 else ""

@@ -54,9 +54,7 @@ class Calibrate(VitqcPass):
         act_qs = [q for q in quantizers(gm).values() if id(q) not in weight_qs]
         for q in act_qs:
             q.init_method, q.percentile = o.method, o.percentile
-        batches = ctx.calib_batches(o.batch_size)
-        if o.max_images:
-            batches = list(torch.cat(batches)[: o.max_images].split(o.batch_size))
+        batches = list(ctx.calib_images()[: o.max_images or None].split(o.batch_size))
         images = sum(len(b) for b in batches)
         # weights stay FP while observing, so activations are the FP model's
         with bypassed(q for q in quantizers(gm).values() if id(q) in weight_qs):

@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vitqc.errors import VitqcError
 from vitqc.optim import GroupedAdam
-from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_property, register_pass
+from vitqc.passes.base import CompileContext, PassResult, VitqcPass, applied, graph_property, register_pass
 from vitqc.passes.insert_quantizers import quantizers
 from vitqc.passes.weight_refine import RefinementPenalty
 from vitqc.progress import progress_bar
@@ -48,7 +48,7 @@ WARMUP_STEPS = 3  # steps timed apart in the record (they carry torch.compile's 
 @graph_property("optimized")
 def is_optimized(gm: fx.GraphModule) -> bool:
     """joint_optimize has run on this graph."""
-    return bool(getattr(gm, "_vitqc_joint_optimized", False))
+    return applied(gm, "joint_optimize")
 
 
 @dataclass
@@ -238,6 +238,8 @@ class JointOptimize(VitqcPass):
         if ctx.resume and ckpt is not None and ckpt.exists():
             state.load(ckpt, gm, o)
         started, first_loss, last, warmup_seconds = time.perf_counter(), None, {}, None
+        history: dict[str, list[float]] = {"step": []}  # the loss curve, at most ~500 points (vitqc report)
+        log_every = max(1, o.iterations // 500)
         autocast = _autocast(o, device)
         amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
         student.train()
@@ -271,23 +273,28 @@ class JointOptimize(VitqcPass):
                 if penalty:
                     last["loss"] += penalty.weight * last["refine"]
                 if not math.isfinite(last["loss"]):  # the model is spoiled; the checkpoint on disk is not
-                    where = f"; the last good checkpoint is kept at {ckpt}" if ckpt else ""
+                    where = (f"; the last good checkpoint is kept at {ckpt}" if ckpt is not None and ckpt.exists()
+                             else "; no checkpoint had been written yet")
                     raise VitqcError(f"joint_optimize: the loss became {last['loss']} at step {state.step}{where}; "
                                      f"lower the learning rates (e.g. --set joint_optimize.lr_quant=1e-4)")
                 state.step += 1
                 if state.step == min(WARMUP_STEPS, o.iterations):
                     warmup_seconds = time.perf_counter() - started
                 first_loss = first_loss if first_loss is not None else last["loss"]
+                if state.step % log_every == 0 or state.step == o.iterations:
+                    history["step"].append(state.step)
+                    for key, value in last.items():
+                        history.setdefault(key, []).append(round(value, 6))
                 bar.advance(1)
                 bar.update(loss=last["loss"], **{k: v for k, v in last.items() if k != "loss"})
                 if ckpt is not None and (state.step % o.checkpoint_every == 0 or state.step == o.iterations):
                     state.save(ckpt, gm, o)
         student.eval()
-        gm._vitqc_joint_optimized = True
         seconds = time.perf_counter() - started
         ctx.record[self.name] = {"iterations": o.iterations, "batch_size": o.batch_size, "mode": o.mode,
                                  "feature_scopes": scopes, "trainable_tensors": len(groups),
-                                 "first_loss": first_loss, "final": last, "seconds": round(seconds, 2),
+                                 "first_loss": first_loss, "final": last, "history": history,
+                                 "seconds": round(seconds, 2),
                                  "resumed_from": state.resumed_from, "device": str(device),
                                  "autocast": "bf16" if autocast else None,
                                  # the first steps (torch.compile, allocator and kernel warm-up) on their own
