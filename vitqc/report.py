@@ -65,13 +65,13 @@ def read_preview(data: bytes, count: int, preprocess: Any) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------- plots
-def _figure(width: float, height: float):
+def _figure(width: float, height: float, columns: int = 1):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(width, height), dpi=110)
+    fig, ax = plt.subplots(1, columns, figsize=(width, height), dpi=110)
     return plt, fig, ax
 
 
@@ -96,10 +96,10 @@ def _sqnr_plot(manifest: dict, out: Path) -> tuple[str | None, str]:
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     ax.set_ylabel("SQNR (dB)")
     ax.set_title(f"per-layer SQNR on {m['data']}")
-    for bits, color in colors.items():
-        if any(layers.get(n, {}).get("weight_bits") == bits for n in names):
-            ax.bar([], [], color=color, label=f"W{bits:g}")
-    ax.legend(fontsize=7)
+    from matplotlib.patches import Patch
+
+    used = [b for b in colors if any(layers.get(n, {}).get("weight_bits") == b for n in names)]
+    ax.legend(handles=[Patch(color=colors[b], label=f"W{b:g}") for b in used], fontsize=7)
     return _save(plt, fig, out / "sqnr.png"), f"measured on {m['data']}"
 
 
@@ -192,7 +192,7 @@ def _ranges_plot(art: Any, images: torch.Tensor | None, out: Path) -> tuple[str 
         return None, "the worst layers' inputs could not be found in the FP program"
     state = art.quantized_program.state_dict
     iq = next((s["options"] for s in art.manifest["pipeline"].get("passes", []) if s.get("name") == "insert_quantizers"), {})
-    plt, fig, axes = _figure(3.2 * len(values), 3)
+    plt, fig, axes = _figure(3.2 * len(values), 3, columns=len(values))
     axes = list(axes) if len(values) > 1 else [axes]
     layers = {l["path"]: l for l in art.manifest["layers"]}
     for ax, path in zip(axes, [p for p in worst if p in values]):
@@ -209,7 +209,9 @@ def _ranges_plot(art: Any, images: torch.Tensor | None, out: Path) -> tuple[str 
                 ax.axvline((q - z) * float(scale), color="#c44e52", linestyle="--", linewidth=1)
         ax.set_title(f"{path}\n{m['sqnr_db'][path]:.1f} dB", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.suptitle("FP input values of the worst layers (dashed: the quantization range)", fontsize=9)
+    static = any(state.get(f"{p}.input_quantizer.scale") is not None for p in values)
+    fig.suptitle("FP input values of the worst layers" + (" (dashed: the quantization range)" if static else
+                 " (per-token quantizers: the range follows each token)"), fontsize=9)
     return _save(plt, fig, out / "ranges.png"), f"the {len(values)} layers with the lowest SQNR, on the preview images"
 
 
@@ -265,10 +267,10 @@ def write_report(artifact: str | Path, out_dir: str | Path | None = None) -> Pat
     page.write_text(f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1040px; padding: 0 1em; color: #222; }}
 table {{ border-collapse: collapse; }} th, td {{ text-align: left; padding: 4px 12px; border-bottom: 1px solid #ddd;
 vertical-align: top; font-size: 14px; }} th {{ color: #555; font-weight: 600; }}
-img {{ max-width: 100%; border: 1px solid #eee; }} .note {{ color: #666; font-size: 13px; margin: 0 0 6px; }}
+img {{ max-width: 100%; height: auto; border: 1px solid #eee; display: block; }} .note {{ color: #666; font-size: 13px; margin: 0 0 6px; }}
 h2 {{ margin-top: 1.6em; font-size: 18px; }}
 </style></head><body><h1>{title}</h1>
 {"".join(body)}
