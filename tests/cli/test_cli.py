@@ -44,6 +44,15 @@ def test_pipelines_and_passes_list_one_line_each(capsys):
     assert code == 0 and {"canonicalize", "insert_quantizers", "calibrate", "materialize"} <= set(names)
 
 
+def test_sources_and_backends_list_the_registries(capsys):
+    code, out, _ = run(["sources"], capsys)
+    assert code == 0
+    assert [line.split()[0] for line in out.strip().splitlines()] == ["demo", "images", "inversion", "learned-prompts",
+                                                                      "noise", "prompts"]
+    code, out, _ = run(["backends"], capsys)
+    assert code == 0 and "executorch" in out and "packed" in out and "--ternary" in out and "--batch" in out
+
+
 def test_passes_name_describes_one_pass(capsys):
     code, out, _ = run(["passes", "joint_optimize"], capsys)
     assert code == 0
