@@ -32,10 +32,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten
 
 from vitqc.errors import TraceFailure
+from vitqc.graph import owner_of
 
 __all__ = ["VitqcTracer", "capture", "register_leaf_module", "register_leaf_function", "set_owner_meta",
-           "owner_of", "max_abs_diff", "NodeEmitter", "static_tensor_meta", "static_dtype", "get_attr_value",
-           "finish_graph"]
+           "max_abs_diff"]
 
 _LEAF_MODULES: set[type[nn.Module]] = set()
 _LEAF_FUNCTIONS: set[Callable[..., Any]] = set()
@@ -162,16 +162,6 @@ class VitqcTracer(fx.Tracer):
 
 
 # ------------------------------------------------------------------------------------------- node meta
-def owner_of(node: fx.Node) -> str:
-    """The path of the module a node belongs to (see the module docstring)."""
-    if node.op in ("call_module", "get_attr"):
-        return str(node.target).rpartition(".")[0]
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        return str(list(stack.values())[-1][0])
-    return ""
-
-
 def set_owner_meta(gm: fx.GraphModule) -> None:
     """Set ``node.meta["vitqc_owner"]`` on every node that lacks it."""
     for node in gm.graph.nodes:
@@ -294,85 +284,3 @@ def capture(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...] |
                         f"(max abs diff {diff:.3g} > {atol:g}); a module probably branches on its input: register "
                         f"it with vitqc.capture.register_leaf_module")
     return gm
-
-
-# ------------------------------------------------------------------ graph-editing helpers used by passes
-class NodeEmitter:
-    """Creates nodes before ``anchor`` that carry the capture metadata (for passes that rewrite the graph).
-
-    Every emitted node gets ``vitqc_owner`` = ``owner`` (default: the anchor's owner; for ``call_module`` nodes
-    always the parent path of the target) and a copy of the anchor's ``nn_module_stack``, extended with
-    ``owner`` when ``owner_type`` is given and the stack does not already end there.
-    """
-
-    def __init__(self, graph: fx.Graph, anchor: fx.Node, owner: str | None = None,
-                 owner_type: type | None = None) -> None:
-        self.graph = graph
-        self.anchor = anchor
-        self.owner = owner if owner is not None else anchor.meta.get("vitqc_owner", owner_of(anchor))
-        stack = dict(anchor.meta.get("nn_module_stack", {}) or {})
-        if owner and owner_type is not None and (not stack or list(stack.values())[-1][0] != owner):
-            stack[owner] = (owner, owner_type)
-        self.stack = stack
-        self.created: list[fx.Node] = []
-
-    def _meta(self, node: fx.Node) -> fx.Node:
-        if self.stack:
-            node.meta["nn_module_stack"] = dict(self.stack)
-        node.meta["vitqc_owner"] = owner_of(node) if node.op == "call_module" else self.owner
-        self.created.append(node)
-        return node
-
-    def function(self, target: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
-        with self.graph.inserting_before(self.anchor):
-            return self._meta(self.graph.call_function(target, tuple(args), kwargs))
-
-    def method(self, name: str, *args: Any, **kwargs: Any) -> fx.Node:
-        with self.graph.inserting_before(self.anchor):
-            return self._meta(self.graph.call_method(name, tuple(args), kwargs))
-
-    def module(self, target: str, *args: Any, **kwargs: Any) -> fx.Node:
-        with self.graph.inserting_before(self.anchor):
-            return self._meta(self.graph.call_module(target, tuple(args), kwargs))
-
-
-def static_tensor_meta(value: Any) -> Any:
-    """``tensor_meta`` of a node (ShapeProp at capture) when it describes a single tensor, else None."""
-    if not isinstance(value, fx.Node):
-        return None
-    meta = value.meta.get("tensor_meta")
-    if meta is not None and hasattr(meta, "shape") and hasattr(meta, "dtype"):
-        return meta
-    return None
-
-
-def get_attr_value(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def static_dtype(gm: fx.GraphModule, value: Any) -> torch.dtype | None:
-    """A value's dtype when known without running the graph (tensor_meta, a get_attr tensor), else None."""
-    if isinstance(value, torch.Tensor):
-        return value.dtype
-    meta = static_tensor_meta(value)
-    if meta is not None:
-        return meta.dtype
-    if isinstance(value, fx.Node) and value.op == "get_attr":
-        try:
-            obj = get_attr_value(gm, str(value.target))
-        except AttributeError:
-            return None
-        if isinstance(obj, torch.Tensor):
-            return obj.dtype
-    return None
-
-
-def finish_graph(gm: fx.GraphModule, delete_unused_submodules: bool = True) -> None:
-    """Lint and recompile after a rewrite (and drop submodules no node uses any more)."""
-    gm.graph.lint()
-    if delete_unused_submodules:
-        gm.delete_all_unused_submodules()
-    gm.recompile()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from vitqc.capture import finish_graph
+from vitqc.graph import finish_graph
 from vitqc.passes.base import CompileContext, PassResult, VitqcPass, register_pass
 from vitqc.passes.decompose_mha import DecomposeMha
 from vitqc.passes.decompose_sdpa import DecomposeSdpa

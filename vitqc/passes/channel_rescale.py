@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from vitqc.graph import replace_submodule
 from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_property, register_pass
-from vitqc.passes.insert_quantizers import bypassed, quantizers, replace_submodule
+from vitqc.passes.insert_quantizers import bypassed, quantizers
 from vitqc.quant.modules import ChannelFactors, QuantLinear, RescaledLayerNorm
 
 # ops that move tokens but never mix or reorder the last (channel) dimension

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from vitqc.capture import NodeEmitter, finish_graph, static_tensor_meta
+from vitqc.graph import NodeEmitter, finish_graph, static_tensor_meta
 from vitqc.errors import VitqcError
 from vitqc.passes.base import CompileContext, NoOptions, PassResult, VitqcPass, register_pass
 

@@ -20,8 +20,8 @@ from typing import Iterable, Iterator, Literal
 
 from torch import fx, nn
 
-from vitqc.capture import owner_of
 from vitqc.errors import VitqcError
+from vitqc.graph import insert_after, insert_before_use, is_quantizer_node, owner_of, replace_submodule
 from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_property, register_pass
 from vitqc.passes.properties import MATMUL_FUNCTIONS, SOFTMAX_FUNCTIONS
 from vitqc.quant.modules import INT_LAYERS, QUANT_LAYERS, QuantConv2d, QuantLinear
@@ -156,7 +156,7 @@ class InsertQuantizers(VitqcPass):
                 # Softmax outputs lie in [0, 1]: an unsigned (asymmetric) per-tensor grid fits them.
                 q = self._act_quantizer(bits, granularity="tensor" if o.act_granularity == "tensor" else "token",
                                         symmetric=False)
-                _insert_after(gm, node, q, f"{owner + '.' if owner else ''}{node.name}_quantizer")
+                insert_after(gm, node, q, f"{owner + '.' if owner else ''}{node.name}_quantizer")
                 layers.append({"path": f"{owner}.{node.name}".strip("."), "kind": "softmax", "act_bits": bits})
                 modified = True
         for node in list(gm.graph.nodes):
@@ -169,7 +169,7 @@ class InsertQuantizers(VitqcPass):
                     if not isinstance(arg, fx.Node) or is_quantizer_node(gm, arg):
                         continue
                     q = self._act_quantizer(bits)
-                    _insert_before_use(gm, node, arg, q, f"{owner + '.' if owner else ''}{node.name}_{side}_quantizer")
+                    insert_before_use(gm, node, arg, q, f"{owner + '.' if owner else ''}{node.name}_{side}_quantizer")
                 layers.append({"path": f"{owner}.{node.name}".strip("."), "kind": "matmul", "act_bits": bits})
                 modified = True
         if modified:
@@ -177,44 +177,3 @@ class InsertQuantizers(VitqcPass):
             gm.recompile()
         ctx.record[self.name] = {"layers": layers, "quantizers": len(quantizers(gm))}
         return PassResult(gm, modified)
-
-
-def is_quantizer_node(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), UniformQuantizer)
-
-
-def replace_submodule(gm: fx.GraphModule, path: str, new: nn.Module) -> None:
-    """Put ``new`` at ``path`` (the graph's call_module nodes then call it)."""
-    parent_path, _, leaf = path.rpartition(".")
-    parent = gm.get_submodule(parent_path) if parent_path else gm
-    setattr(parent, leaf, new)
-
-
-def unique_path(gm: fx.GraphModule, path: str) -> str:
-    candidate, i = path, 1
-    while True:
-        try:
-            gm.get_submodule(candidate)
-        except AttributeError:
-            return candidate
-        candidate, i = f"{path}_{i}", i + 1
-
-
-def _insert_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, path: str) -> fx.Node:
-    path = unique_path(gm, path)
-    gm.add_submodule(path, module)
-    with gm.graph.inserting_after(node):
-        qnode = gm.graph.call_module(path, (node,))
-    node.replace_all_uses_with(qnode, delete_user_cb=lambda user: user is not qnode)
-    qnode.meta["vitqc_owner"] = path.rpartition(".")[0]
-    return qnode
-
-
-def _insert_before_use(gm: fx.GraphModule, user: fx.Node, arg: fx.Node, module: nn.Module, path: str) -> fx.Node:
-    path = unique_path(gm, path)
-    gm.add_submodule(path, module)
-    with gm.graph.inserting_before(user):
-        qnode = gm.graph.call_module(path, (arg,))
-    user.replace_input_with(arg, qnode)
-    qnode.meta["vitqc_owner"] = path.rpartition(".")[0]
-    return qnode
