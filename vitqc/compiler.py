@@ -1,7 +1,6 @@
 """``vitqc.compile``: capture a model, run a pipeline over it, and return the quantized graph."""
 from __future__ import annotations
 
-import copy
 import random
 from typing import Any, Sequence
 
@@ -59,16 +58,20 @@ def compile(model: nn.Module, pipeline: str | Pipeline, calib: torch.Tensor | Se
             *, seed: int = 0, example: torch.Tensor | None = None, reference: nn.Module | None = None,
             dump_graphs: str | None = None, quiet: bool = False, set: Sequence[str] = (),
             work_dir: str | None = None, resume: bool = False, device: str | torch.device = "cpu",
-            **overrides: Any) -> fx.GraphModule:
+            strict: bool = False, **overrides: Any) -> fx.GraphModule:
     """Quantize ``model`` with ``pipeline`` (a built-in name, a TOML path, a one-line text or a Pipeline).
 
     ``calib`` holds preprocessed calibration images (a tensor or a list of batches). Pass options are
     overridden by keyword (``calibrate__method="mse"``) or by ``set=["calibrate.method=mse"]``. Long passes
     checkpoint into ``work_dir`` and, with ``resume``, continue from there. Returns the
-    quantized ``GraphModule``; ``gm.meta["vitqc"]`` holds the resolved pipeline, what each pass recorded and
-    the per-pass statistics.
+    quantized ``GraphModule``; ``gm.meta["vitqc"]`` holds the resolved pipeline, what each pass recorded
+    (``record["coverage"]``: :mod:`vitqc.coverage`) and the per-pass statistics. ``strict``: a weight or attention
+    matmul the pipeline cannot recognise is an error (:class:`VitqcError`) instead of a warning.
     """
     from vitqc.capture import capture  # heavy import (timm), only when compiling
+    from vitqc.coverage import report as report_coverage
+    from vitqc.from_export import is_exported_module
+    from vitqc.passes.canonicalize import reference_copy
 
     seed_everything(seed)
     pipe = load_pipeline(pipeline)
@@ -79,19 +82,21 @@ def compile(model: nn.Module, pipeline: str | Pipeline, calib: torch.Tensor | Se
         if not batches:
             raise VitqcError("vitqc.compile needs calibration images or an `example` input to trace the model")
         example = batches[0][:1]
-    if not isinstance(model, fx.GraphModule):
+    if not isinstance(model, fx.GraphModule) or is_exported_module(model):
         # the example goes where the model's weights are (a model moved by an earlier compile on a GPU)
         on = next(model.parameters(), None)
-        gm = capture(model, example if on is None else example.to(on.device))
+        gm = capture(model, example if on is None else example.to(on.device), quiet=quiet)
     else:
         gm = model
     if reference is None:
-        reference = copy.deepcopy(gm)
+        reference = reference_copy(gm)
     reference = reference.to(device)
     ctx = CompileContext(calib=batches, reference=reference, seed=seed, quiet=quiet, work_dir=work_dir,
-                         resume=resume, device=torch.device(device))
+                         resume=resume, device=torch.device(device), strict=strict)
+    ctx.record["capture"] = dict(gm.meta.get("vitqc", {}))  # front end and why (vitqc.capture)
     manager = PassManager(passes, dump_dir=dump_graphs)
     gm = manager(gm, ctx).graph_module
-    gm.meta["vitqc"] = {"pipeline": pipe.to_dict(), "record": ctx.record,
+    report_coverage(gm, ctx.record, quiet=quiet)
+    gm.meta["vitqc"] = {**gm.meta.get("vitqc", {}), "pipeline": pipe.to_dict(), "record": ctx.record,
                         "passes": [vars(s) for s in manager.stats]}
     return gm

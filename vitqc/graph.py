@@ -6,6 +6,7 @@
   without running the graph;
 * :func:`replace_submodule`, :func:`unique_path`, :func:`insert_after`, :func:`insert_before_use`,
   :func:`is_quantizer_node`: putting modules into a GraphModule;
+* :func:`reads_shape_only`: uses of a value that do not see its elements;
 * :func:`finish_graph`: lint and recompile after a rewrite.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ from torch import fx, nn
 from vitqc.quant.quantizer import UniformQuantizer
 
 __all__ = ["owner_of", "NodeEmitter", "static_tensor_meta", "get_attr_value", "static_dtype", "finish_graph",
-           "is_quantizer_node", "replace_submodule", "unique_path", "insert_after", "insert_before_use"]
+           "is_quantizer_node", "replace_submodule", "unique_path", "insert_after", "insert_before_use",
+           "reads_shape_only"]
 
 
 def owner_of(node: fx.Node) -> str:
@@ -68,6 +70,15 @@ class NodeEmitter:
     def module(self, target: str, *args: Any, **kwargs: Any) -> fx.Node:
         with self.graph.inserting_before(self.anchor):
             return self._meta(self.graph.call_module(target, tuple(args), kwargs))
+
+
+def reads_shape_only(node: fx.Node) -> bool:
+    """``x.shape`` / ``x.size()`` / ``x.dim()`` (or export's ``sym_size``): uses that do not see the values."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1:] in (("shape",), ("ndim",))
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    return node.op == "call_function" and node.target in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default)
 
 
 def static_tensor_meta(value: Any) -> Any:

@@ -5,7 +5,6 @@ unless the whole command succeeds.
 """
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import sys
@@ -142,7 +141,7 @@ def _layer_table(layers: list[dict], sqnr: dict[str, float | None], title: str) 
 
 @app.command()
 def compile(
-    model: Annotated[str, typer.Argument(help="demo | timm:NAME | model.pt | program.pt2 | file.py:factory")],
+    model: Annotated[str, typer.Argument(help="demo | timm:NAME | hf:DIR_OR_ID | model.pt | program.pt2 | file.py:factory")],
     pipeline: Annotated[str, typer.Option("--pipeline", "-p", help="built-in name (vitqc pipelines) or TOML path")],
     calib: Annotated[Optional[str], typer.Option("--calib", help="images:DIR (a vitqc generate cache too), or a data-free source: inversion, noise, prompts, learned-prompts[:FILE] (256 images unless --calib-size; KIND:key=value,... sets options); the demo model defaults to its own train split")] = None,
     calib_size: Annotated[Optional[int], typer.Option("--calib-size", help="number of calibration images (default: all)")] = None,
@@ -157,6 +156,7 @@ def compile(
     work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="checkpoints of long passes (default: <out>.work)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the checkpoints in --work-dir")] = False,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, or auto (cuda when available)")] = "auto",
+    strict: Annotated[bool, typer.Option("--strict", help="a weight or attention matmul vitqc does not recognise is an error, not a warning")] = False,
     model_kwargs: ModelKwargs = None, checkpoint: Checkpoint = None, pretrained: Pretrained = False,
     img_size: ImgSize = None, mean: Mean = None, std: Std = None, interpolation: Interp = "bicubic",
     crop_pct: CropPct = 1.0, channels: Channels = 3,
@@ -168,6 +168,7 @@ def compile(
     from vitqc.artifact import check_writable, export_program, package_versions, save_artifact
     from vitqc.capture import capture
     from vitqc.evaluate import compare
+    from vitqc.passes.canonicalize import reference_copy
     from vitqc.pipeline import load_pipeline
 
     started = time.time()
@@ -185,7 +186,7 @@ def compile(
     batches, calib_info = _calibration(calib, pre, calib_size, seed, module, class_names, diffusion)
     example = batches[0][:1]
     graph = capture(module, example)
-    reference = copy.deepcopy(graph)  # compile() rewrites the graph it is given in place
+    reference = reference_copy(graph)  # compile() rewrites the graph it is given in place
     work = work_dir or target.with_name(target.name + ".work")
     if resume and not work.is_dir():
         raise VitqcError(f"--resume: no work directory {str(work)!r}; pass the --work-dir of the interrupted run")
@@ -194,7 +195,7 @@ def compile(
         raise VitqcError("--device cuda: no CUDA device is available here; use --device cpu")
     quantized = compiler.compile(graph, pipe, batches, seed=seed, example=example, reference=reference,
                                  dump_graphs=str(dump_graphs) if dump_graphs else None, work_dir=str(work),
-                                 resume=resume, device=run_device)
+                                 resume=resume, device=run_device, strict=strict)
     quantized, reference = quantized.cpu(), reference.cpu()
     err.print("[bold cyan]export[/] quantized and reference programs (torch.export)")
     q_program, ref_program = export_program(quantized, example), export_program(reference, example)

@@ -53,6 +53,7 @@ class CompileContext:
     work_dir: str | None = None  # where long passes keep checkpoints
     resume: bool = False  # continue from the checkpoints in work_dir instead of starting over
     quiet: bool = False
+    strict: bool = False  # a weight or attention matmul that is not recognised is an error, not a warning
 
     def calib_batches(self, batch_size: int | None = None) -> list[torch.Tensor]:
         """The calibration images re-batched to ``batch_size`` (all in one batch list if None)."""
