@@ -134,28 +134,28 @@ def _tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
 
 
 def _weight_sources(gm: fx.GraphModule, value: Any) -> list[str]:
-    """get_attr paths of the weight matrices (>= 2 dims) that ``value`` is computed from."""
+    """get_attr paths of the weight matrices (>= 2 dims) that ``value`` is computed from, when it is computed
+    from parameters and constants only (``W * mask``); [] for anything that depends on the input."""
     found, stack, seen = [], [value], set()
     while stack:
         node = stack.pop()
         if not isinstance(node, fx.Node) or node in seen:
             continue
         seen.add(node)
+        if node.op == "placeholder":
+            return []
         t = _tensor(gm, node)
         if t is not None:
             if t.dim() >= 2:
                 found.append(str(node.target))
             continue
-        if node.op in ("call_function", "call_method"):
-            stack.extend(a for a in node.all_input_nodes)
+        stack.extend(node.all_input_nodes)
     return found
 
 
-def _numel(gm: fx.GraphModule, node: Any, sources: list[str]) -> int:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    if meta is not None and hasattr(meta, "shape"):
-        return int(torch.Size(meta.shape).numel())
-    return sum(int(get_attr_value(gm, s).numel()) for s in sources)
+def _numel(gm: fx.GraphModule, sources: list[str]) -> int:
+    """Weight elements of the parameters a weight is computed from."""
+    return sum(int(get_attr_value(gm, s).numel()) for s in dict.fromkeys(sources))
 
 
 def _is_activation(gm: fx.GraphModule, value: Any) -> bool:
@@ -238,7 +238,12 @@ def measure(gm: fx.GraphModule, record: dict[str, Any] | None = None) -> Coverag
                 n = (mod.weight if isinstance(mod, QuantConv2d) else mod.weight_codes).numel()
                 cov.conv.add(n, True, True, isinstance(mod, IntConv2d) and mod.patchify)
             elif isinstance(mod, IntMatmul):
-                cov.matmul.add(0, True, True, True)
+                sources = [w for a in node.args for w in _weight_sources(gm, a)]
+                if sources:  # a weight in an activation matmul: quantized per tensor, not as a linear layer
+                    left(path, "linear", _numel(gm, sources),
+                         f"weight {sources[0]} applied as a matmul of activations (per-tensor grid)")
+                else:
+                    cov.matmul.add(0, True, True, True)
             elif isinstance(mod, nn.Linear):
                 left(path, "linear", mod.weight.numel(), f"{type(mod).__name__} call")
             elif isinstance(mod, _CONV_TYPES):
@@ -263,7 +268,7 @@ def measure(gm: fx.GraphModule, record: dict[str, Any] | None = None) -> Coverag
             sources = _weight_sources(gm, weight)
             if sources:
                 kind = "linear" if is_linear else "conv"
-                left(where, kind, _numel(gm, weight, sources),
+                left(where, kind, _numel(gm, sources),
                      f"{_op_name(node)} with a weight from {', '.join(sources[:2])}")
             continue
         if not is_matmul:
@@ -273,8 +278,7 @@ def measure(gm: fx.GraphModule, record: dict[str, Any] | None = None) -> Coverag
             operands = operands[1:]
         sources = [s for a in operands for s in _weight_sources(gm, a)]
         if sources:  # a parameter enters the product: a linear layer in disguise
-            weight = next(a for a in operands if _weight_sources(gm, a))
-            left(where, "linear", _numel(gm, weight, sources), f"{_op_name(node)} with weight {sources[0]}")
+            left(where, "linear", _numel(gm, sources), f"{_op_name(node)} with weight {sources[0]}")
             continue
         if not all(_is_activation(gm, a) for a in operands) or len(operands) < 2:
             continue

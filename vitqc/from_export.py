@@ -151,6 +151,19 @@ def _rewrite(node: fx.Node, graph: fx.Graph) -> fx.Node | None:
             return graph.call_function(operator.getitem, (node.args[0], index))
     if packet == "add" and _bound(node).get("alpha", 1) != 1 or packet == "sub" and _bound(node).get("alpha", 1) != 1:
         return None
+    if packet == "_softmax" and not _bound(node).get("half_to_float", False):
+        b = _bound(node)
+        with graph.inserting_before(node):
+            return graph.call_method("softmax", (b["self"], b["dim"]))
+    if packet == "convolution":  # core ATen's form of every conv
+        b = _bound(node)
+        weight = b["weight"].meta.get("val") if isinstance(b["weight"], fx.Node) else None
+        conv = {3: F.conv1d, 4: F.conv2d}.get(weight.dim() if weight is not None else 0)
+        if conv is None or b["transposed"]:
+            return None
+        with graph.inserting_before(node):
+            return graph.call_function(conv, (b["input"], b["weight"], b["bias"], b["stride"], b["padding"],
+                                              b["dilation"], b["groups"]))
     if packet == "einsum":
         b = _bound(node)
         with graph.inserting_before(node):
@@ -159,7 +172,8 @@ def _rewrite(node: fx.Node, graph: fx.Graph) -> fx.Node | None:
         b = _bound(node)
         with graph.inserting_before(node):
             return graph.call_function(F.pad, (b["self"], b["pad"], "constant", b.get("value", 0)))
-    if packet in _METHODS:
+    first = target._schema.arguments[0] if target._schema.arguments else None
+    if packet in _METHODS and first is not None and isinstance(first.type, torch.TensorType):
         args, kwargs = _schema_args(node, _DROP.get(packet, ()))
         with graph.inserting_before(node):
             return graph.call_method(_METHODS[packet], tuple(args), kwargs)
@@ -190,6 +204,10 @@ def _module_stack(meta: dict[str, Any]) -> dict[str, tuple[str, Any]] | None:
     kept = {k: v for k, v in stack.items()
             if isinstance(v, tuple) and isinstance(v[0], str) and not str(k).startswith("_empty_nn_module_stack")}
     return kept or None
+
+
+def _first_output_only(node: fx.Node) -> bool:
+    return all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0 for u in node.users)
 
 
 def _is_assert(node: fx.Node) -> bool:
@@ -239,6 +257,18 @@ def graph_from_exported(module: fx.GraphModule, what: str = "the program") -> fx
         env[node] = new
     for node in list(graph.nodes):
         if node.op != "call_function":
+            continue
+        if node.target is aten.native_layer_norm.default and _first_output_only(node):
+            # core ATen's layer_norm returns (out, mean, rstd); when only `out` is used it is F.layer_norm
+            b = _bound(node)
+            with graph.inserting_before(node):
+                norm = graph.call_function(F.layer_norm, (b["input"], b["normalized_shape"], b["weight"],
+                                                          b["bias"], b["eps"]))
+            norm.meta = dict(node.meta)
+            for user in list(node.users):
+                user.replace_all_uses_with(norm)
+                graph.erase_node(user)
+            graph.erase_node(node)
             continue
         replacement = _rewrite(node, graph)
         if replacement is None:

@@ -14,6 +14,7 @@ distillation head: the mean of both heads, as transformers defines it), or for a
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -54,10 +55,16 @@ class HFImageModel(nn.Module):
 
     @staticmethod
     def _default_output(model: nn.Module) -> str:
-        name = type(model).__name__
-        if "ForImageClassification" in name:
+        """logits for a classifier; for a backbone its pooled output when it computes one (a ``pooler`` that is
+        not switched off, or, without a pooler attribute, an output class with ``pooler_output``: DINOv2's
+        layer-normed class token), else last_hidden_state."""
+        if "ForImageClassification" in type(model).__name__:
             return "logits"
-        return "pooler_output" if getattr(model, "pooler", None) is not None else "last_hidden_state"
+        if hasattr(model, "pooler"):
+            return "pooler_output" if model.pooler is not None else "last_hidden_state"
+        returns = inspect.signature(type(model).forward).return_annotation
+        fields = getattr(returns, "__dataclass_fields__", {})
+        return "pooler_output" if "pooler_output" in fields else "last_hidden_state"
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.hf_model(pixel_values=pixel_values, return_dict=True)

@@ -41,7 +41,7 @@ __all__ = ["LiftModules", "lift_modules", "weight_operand", "LINEAR_FUNCTIONS", 
 
 LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
 CONV_FUNCTIONS = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, torch.conv1d: nn.Conv1d, torch.conv2d: nn.Conv2d}
-_MATMULS = (operator.matmul, torch.matmul, torch.Tensor.matmul, torch.mm)
+_MATMULS = (operator.matmul, torch.matmul, torch.Tensor.matmul, torch.mm, torch.bmm)
 _CONV_PARAMS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
@@ -58,10 +58,32 @@ def _tensor_attr(gm: fx.GraphModule, node: Any, ndim: int | None = None) -> torc
     return value
 
 
+def _broadcast_source(node: fx.Node) -> fx.Node:
+    """Through ``expand`` / ``view`` / ``reshape`` / ``unsqueeze`` / ``contiguous`` that only put leading
+    broadcast dims before the same matrix (core ATen's ``x @ W.t()`` on 3-D ``x``: ``bmm`` with
+    ``W.t().expand(b, k, m).view(b, k, m)``): the node holding that matrix."""
+    current = node
+    while current.op == "call_method" and current.target in ("expand", "view", "reshape", "unsqueeze", "contiguous"):
+        source = current.args[0]
+        if not isinstance(source, fx.Node):
+            break
+        out_meta, in_meta = current.meta.get("tensor_meta"), source.meta.get("tensor_meta")
+        if out_meta is None or in_meta is None or len(in_meta.shape) < 2 or len(out_meta.shape) < 2 \
+                or tuple(out_meta.shape[-2:]) != tuple(in_meta.shape[-2:]):
+            break
+        lead_in, lead_out = torch.Size(in_meta.shape[:-2]).numel(), torch.Size(out_meta.shape[:-2]).numel()
+        if current.target == "expand" and lead_in != 1 or current.target in ("view", "reshape") and lead_in != lead_out:
+            break
+        current = source
+    return current
+
+
 def _transposed_attr(gm: fx.GraphModule, node: Any) -> fx.Node | None:
-    """``W`` when ``node`` is ``W.t()`` / ``W.transpose(0, 1)`` / ``W.permute(1, 0)`` / ``W.T`` of a 2-D get_attr."""
+    """``W`` when ``node`` is ``W.t()`` / ``W.transpose(0, 1)`` / ``W.permute(1, 0)`` / ``W.T`` of a 2-D get_attr
+    (broadcast over leading dims or not)."""
     if not isinstance(node, fx.Node):
         return None
+    node = _broadcast_source(node)
     base = None
     if node.op == "call_method" and node.target in ("t", "transpose", "permute") or \
             node.op == "call_function" and node.target in (torch.t, torch.transpose, torch.permute):
@@ -91,7 +113,7 @@ def weight_operand(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node 
         w = _transposed_attr(gm, wt)
         return (x, w, bias, False) if w is not None and isinstance(x, fx.Node) else None
     is_matmul = (node.op == "call_function" and node.target in _MATMULS) or \
-        (node.op == "call_method" and node.target in ("matmul", "mm"))
+        (node.op == "call_method" and node.target in ("matmul", "mm", "bmm"))
     if is_matmul and len(node.args) == 2 and isinstance(node.args[0], fx.Node):
         x, rhs = node.args
         if _tensor_attr(gm, x) is not None:  # a parameter on the left is not a linear layer of x
@@ -271,9 +293,7 @@ def lift_modules(gm: fx.GraphModule) -> int:
         lifted += _lift_linear(gm, node) or _lift_conv(gm, node)
     lifted += _read_input_metadata(gm)
     if lifted:
-        for node in list(gm.graph.nodes):  # the weights' get_attr nodes the functional ops read
-            if node.op == "get_attr" and not node.users:
-                gm.graph.erase_node(node)
+        gm.graph.eliminate_dead_code()  # the weights' get_attr (and transpose) nodes the functional ops read
         finish_graph(gm)
     return lifted
 
