@@ -52,7 +52,7 @@ from vitqc.errors import TraceFailure, VitqcError
 from vitqc.graph import owner_of
 
 __all__ = ["VitqcTracer", "capture", "register_leaf_module", "register_leaf_function", "set_owner_meta",
-           "max_abs_diff", "FRONTENDS"]
+           "max_abs_diff", "FRONTENDS", "CaptureFailed"]
 
 FRONTENDS = ("auto", "fx", "export")
 
@@ -204,25 +204,37 @@ def set_owner_meta(gm: fx.GraphModule) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- capture
-def _fx_failure(model: nn.Module, e: BaseException) -> tuple[str, str]:
-    """(where and why fx failed, a hint for making it traceable): one line each."""
+class CaptureFailed(TraceFailure):
+    """A front end could not capture the model; ``short`` says why in a few words (for the fallback line)."""
+
+    def __init__(self, message: str, short: str) -> None:
+        super().__init__(message)
+        self.short = short
+
+
+def _fx_failure(model: nn.Module, e: BaseException) -> CaptureFailed:
+    """Where and why fx failed, with a hint for making it traceable (one line)."""
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     where = getattr(e, "_vitqc_where", None)
     frames = [f for f in traceback.extract_tb(e.__traceback__)
               if "/torch/" not in f.filename and not f.filename.endswith("vitqc/capture.py")]
     loc = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    short_loc = f" at {frames[-1].filename.rpartition('/')[2]}:{frames[-1].lineno}" if frames else ""
     if where is not None:
         path, cls, last = where
         place = f"in module '{path}' ({cls.__qualname__})" if path else f"in {cls.__qualname__}.forward"
+        short = f"{cls.__qualname__}{f' at {path}' if path else ''}: {type(e).__name__}{short_loc}"
         node = f", after node '{last}'" if last else ""
         hint = (f"; make it a leaf with vitqc.capture.register_leaf_module({cls.__qualname__}) (it then stays in "
                 f"floating point)")
     else:
         place, node, hint = f"in {type(model).__qualname__}.forward", "", ""
+        short = f"{type(e).__name__}{short_loc}"
     if frames and frames[-1].name != "forward":
         hint += (f", or wrap the function {frames[-1].name}() with timm.layers.register_notrace_function "
                  f"/ vitqc.capture.register_leaf_function")
-    return f"{place}{node}: {type(e).__name__}: {first}{loc}", hint
+    return CaptureFailed(f"could not capture {type(model).__qualname__} to a torch.fx graph {place}{node}: "
+                         f"{type(e).__name__}: {first}{loc}{hint}", short)
 
 
 def _flat_tensors(value: Any) -> list[torch.Tensor]:
@@ -283,20 +295,16 @@ def _trace_fx(model: nn.Module, args: tuple[torch.Tensor, ...] | None,
         if concrete_args:
             _drop_specialised_inputs(graph, list(concrete_args))
     except Exception as e:
-        where, hint = _fx_failure(model, e)
-        failure = TraceFailure(f"could not capture {type(model).__qualname__} to a torch.fx graph {where}{hint}")
-        failure.reason = where  # type: ignore[attr-defined]
-        raise failure from e
+        raise _fx_failure(model, e) from e
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     set_owner_meta(gm)
     opaque = opaque_weight_calls(gm)
     if opaque:
         node, weights = opaque[0]
         name = getattr(node.target, "__name__", str(node.target))
-        failure = TraceFailure(f"fx keeps the function {name}() whole, and it applies the weights "
-                               f"{', '.join(weights[:2])}: they could not be quantized")
-        failure.reason = f"it keeps {name}() whole, which applies {weights[0]}"  # type: ignore[attr-defined]
-        raise failure
+        raise CaptureFailed(f"fx keeps the function {name}() whole, and it applies the weights "
+                            f"{', '.join(weights[:2])}: they could not be quantized",
+                            f"it keeps {name}() whole, which applies {weights[0]}")
     return gm, tracer.opened
 
 
@@ -309,20 +317,18 @@ def _check(gm: fx.GraphModule, model: nn.Module, args: tuple[torch.Tensor, ...],
             got = ShapeProp(gm).propagate(*args)
         except Exception as e:
             first = (str(e).strip().splitlines() or [""])[0]
-            failure = TraceFailure(f"the {frontend} graph of {name} fails on the example input: "
-                                   f"{type(e).__name__}: {first}")
-            failure.reason = f"its graph fails on the example input ({type(e).__name__})"  # type: ignore[attr-defined]
-            raise failure from e
+            raise CaptureFailed(f"the {frontend} graph of {name} fails on the example input: "
+                                f"{type(e).__name__}: {first}",
+                                f"its graph fails on the example input: {type(e).__name__}") from e
         if check:
             want = model(*args)
             diff = max_abs_diff(got, want)
             if not diff <= atol:
-                failure = TraceFailure(
+                raise CaptureFailed(
                     f"the {frontend} graph of {name} disagrees with the eager model (max abs diff {diff:.3g} > "
                     f"{atol:g}); a module probably branches on its input: register it with "
-                    f"vitqc.capture.register_leaf_module")
-                failure.reason = f"its graph disagrees with the eager model (max abs diff {diff:.3g})"  # type: ignore[attr-defined]
-                raise failure
+                    f"vitqc.capture.register_leaf_module",
+                    f"its graph disagrees with the eager model (max abs diff {diff:.3g})")
 
 
 def _say(message: str) -> None:
@@ -376,13 +382,10 @@ def capture(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...] |
             gm, opened = _trace_fx(model, args, concrete_args)
             if args is not None:
                 _check(gm, model, args, check, atol, "fx")
-        except TraceFailure as e:
+        except CaptureFailed as e:
             if frontend == "fx" or args is None:
                 raise
-            reason = f"fx could not trace it: {getattr(e, 'reason', str(e))}"
-            if not quiet:
-                _say(f"capture: fx could not trace {name} ({getattr(e, 'reason', e)}); captured with torch.export "
-                     f"instead")
+            reason = f"fx could not trace it: {e.short}"
             try:
                 gm = graph_from_exported(export_model(model, args[0]), name)
             except TraceFailure as export_failure:
@@ -390,8 +393,9 @@ def capture(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...] |
             used, opened = "export", []
     if used == "export" and args is not None:
         _check(gm, model, args, check, atol, "torch.export")
-    if used == "export" and not quiet and not reason.startswith("fx could not"):
-        _say(f"capture: {name} with torch.export ({reason})")
+    if used == "export" and not quiet:
+        _say(f"capture: {name}: {reason}; captured with torch.export instead" if reason.startswith("fx could not")
+             else f"capture: {name} with torch.export ({reason})")
     gm.eval()
     gm.meta["vitqc"] = {"captured_from": name, "frontend": used, "frontend_reason": reason,
                         "opened_leaves": opened}
