@@ -68,8 +68,15 @@ class NodeEmitter:
             return self._meta(self.graph.call_method(name, tuple(args), kwargs))
 
     def module(self, target: str, *args: Any, **kwargs: Any) -> fx.Node:
+        """A ``call_module`` node; like fx's, its ``nn_module_stack`` ends with the called module's own path."""
         with self.graph.inserting_before(self.anchor):
-            return self._meta(self.graph.call_module(target, tuple(args), kwargs))
+            node = self._meta(self.graph.call_module(target, tuple(args), kwargs))
+        owner = self.graph.owning_module
+        stack = dict(node.meta.get("nn_module_stack") or {})
+        if owner is not None and (not stack or list(stack.values())[-1][0] != target):
+            stack[target] = (target, type(owner.get_submodule(target)))
+            node.meta["nn_module_stack"] = stack
+        return node
 
 
 def reads_shape_only(node: fx.Node) -> bool:

@@ -78,3 +78,22 @@ def test_reference_copy_computes_what_the_model_computes() -> None:
     assert sum(1 for n in ref.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS) == 2
     with torch.no_grad():
         assert torch.equal(ref(x), model(x))  # the same kernels: bit for bit
+
+
+def test_multihead_attention_projections_are_in_the_sqnr_table() -> None:
+    import vitqc
+    from vitqc.architectures import get
+    from vitqc.artifact import export_program
+    from vitqc.evaluate import compare
+
+    arch = get("torch_encoder")
+    model, x = arch.model(), arch.example(8, seed=3)
+    graph = capture(model, x[:1])
+    reference = reference_copy(graph)
+    gm = vitqc.compile(graph, "minmax-w8a8", [x], quiet=True)
+    layers = [layer["path"] for layer in gm.meta["vitqc"]["record"]["insert_quantizers"]["layers"]
+              if layer["kind"] == "QuantLinear"]
+    result = compare(export_program(reference, x[:1]).module(), export_program(gm, x[:1]).module(), [x], layers,
+                     quiet=True)
+    assert {"encoder.layers.0.self_attn.in_proj", "encoder.layers.1.self_attn.out_proj"} <= result.sqnr_db().keys()
+    assert result.sqnr_db().keys() == set(layers)
