@@ -1,6 +1,7 @@
 """Coverage across architectures: does every linear weight and attention matmul of each ViT family run quantized?
 
     python benchmarks/coverage.py [--archs vit,hf_swin,...] [--calib 32] [--heldout 64] [--threads 1]
+    python benchmarks/coverage.py --table      # the README's table, from benchmarks/results/coverage.json
 
 Every architecture of ``vitqc/architectures.py`` (timm, transformers, torchvision, ``nn.TransformerEncoder``,
 a ``.pt2`` program), small, random weights; transformers models go through ``save_pretrained`` and
@@ -16,6 +17,7 @@ reason, compile seconds. Results: benchmarks/results/coverage.json (table in the
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -39,7 +41,7 @@ def _model(arch, workdir: Path):
 
     path = workdir / arch.name
     model.save_pretrained(path)
-    loaded = load_model(f"hf:{path}")
+    loaded = load_model(f"hf:{path}", model_kwargs=arch.load_kwargs)
     return loaded.module, loaded.source
 
 
@@ -77,6 +79,7 @@ def measure(arch, calib_images: int, heldout_images: int, workdir: Path) -> dict
     cov = record["coverage"]
     return {
         "family": arch.family, "source": arch.source, "loaded_as": source.get("form"),
+        "attn_implementation": source.get("attn_implementation"),
         "frontend": record["capture"]["frontend"], "frontend_reason": record["capture"]["frontend_reason"],
         "linear_layers": [cov["linear"]["quantized"], cov["linear"]["present"]],
         "linear_weights_quantized": cov["linear_fraction"],
@@ -91,6 +94,23 @@ def measure(arch, calib_images: int, heldout_images: int, workdir: Path) -> dict
     }
 
 
+def table(payload: dict) -> str:
+    """The README's markdown table of a results file."""
+    lines = ["| architecture | front end | linear weights quantized | attention matmuls integer | held-out agreement | "
+             "worst layer SQNR dB | compile s |", "|---|---|---|---|---|---|---|"]
+    for row in payload["rows"].values():
+        if "error" in row:
+            lines.append(f"| {row['family']} | failed: {row['error']} | | | | | |")
+            continue
+        front = row["frontend"] + ("" if row["frontend"] == "fx" or row["source"] in ("hf", "pt2") else " (fallback)")
+        left = f" ({len(row['float_layers'])} FP: see results)" if row["float_layers"] else ""
+        lines.append(f"| {row['family']} | {front} | {row['linear_weights_quantized']:.0%} "
+                     f"({row['linear_layers'][0]}/{row['linear_layers'][1]}){left} | "
+                     f"{row['attention_matmuls_integer'][0]}/{row['attention_matmuls_integer'][1]} | "
+                     f"{row['heldout_agreement']:.1%} | {row['worst_layer_sqnr_db']:.1f} | {row['compile_s']:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     from vitqc.architectures import ARCHITECTURES
 
@@ -100,7 +120,13 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="coverage")
+    ap.add_argument("--table", action="store_true", help="print the README table of results/OUT.json and stop")
     args = ap.parse_args()
+    if args.table:
+        from common import RESULTS
+
+        print(table(json.loads((RESULTS / f"{args.out}.json").read_text())))
+        return
     torch.set_num_threads(args.threads)
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:

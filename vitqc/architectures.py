@@ -28,6 +28,7 @@ class Arch:
     img_size: int = 32
     channels: int = 3
     unit_test: bool = True  # False: only the benchmark builds it (slow to export, family covered otherwise)
+    load_kwargs: dict = field(default_factory=dict)  # hf: what `hf:DIR` needs to load it as built (not saved by HF)
 
     def model(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
@@ -183,12 +184,14 @@ ARCHITECTURES: dict[str, Arch] = {a.name: a for a in [
          _timm("twins_svt_small", embed_dims=(16, 32), depths=(1, 1), num_heads=(1, 2), mlp_ratios=(2, 2),
                sr_ratios=(2, 1), wss=(2, 2)), unit_test=False),
     Arch("hf_vit", "HF ViT", "hf", _hf("vit")),
-    Arch("hf_vit_eager", "HF ViT (eager attention)", "hf", _hf("vit", "eager")),
+    Arch("hf_vit_eager", "HF ViT (eager attention)", "hf", _hf("vit", "eager"),
+         load_kwargs={"attn_implementation": "eager"}),
     Arch("hf_deit", "HF DeiT + teacher (distillation head)", "hf", _hf("deit")),
     Arch("hf_dinov2", "HF DINOv2", "hf", _hf("dinov2")),
     Arch("hf_dinov2_backbone", "HF DINOv2 backbone (pooled output)", "hf", _hf("dinov2-backbone")),
     Arch("hf_swin", "HF Swin", "hf", _hf("swin")),
-    Arch("hf_beit", "HF BEiT (relative position bias)", "hf", _hf("beit", "eager")),
+    Arch("hf_beit", "HF BEiT (relative position bias, eager attention)", "hf", _hf("beit", "eager"),
+         load_kwargs={"attn_implementation": "eager"}),
     Arch("tv_vit", "torchvision vit_b_16-style (nn.MultiheadAttention)", "torchvision", _torchvision_vit),
     Arch("tv_swin", "torchvision Swin", "torchvision", _torchvision_swin),
     Arch("torch_encoder", "nn.TransformerEncoder ViT (pre-norm, batch first)", "torch", TransformerEncoderViT),

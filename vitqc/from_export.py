@@ -8,7 +8,7 @@ timm blocks that compute sizes with ``math.ceil``) and is the form of ``.pt2`` i
 
 * parameters and buffers are ``get_attr`` nodes at their module paths (``blocks.0.attn.qkv.weight``), held by
   submodules at the same paths; the pytree input/output plumbing and the shape-guard module are gone;
-* ATen ops become the torch-level forms fx tracing gives (:data:`ATEN_RULES`): ``F.linear``, ``F.conv2d``,
+* ATen ops become the torch-level forms fx tracing gives (:func:`_rewrite`'s tables): ``F.linear``, ``F.conv2d``,
   ``F.layer_norm``, ``F.scaled_dot_product_attention``, ``operator.matmul`` / ``add`` / ``mul``, call_method
   ``view`` / ``reshape`` / ``permute`` / ``transpose`` / ``softmax`` ..., slices as ``operator.getitem``.
   Ops without a rule stay ATen calls (they run and export as they are);
@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten
 from vitqc.errors import TraceFailure
 from vitqc.graph import owner_of
 
-__all__ = ["is_exported_module", "export_model", "graph_from_exported", "ATEN_RULES"]
+__all__ = ["is_exported_module", "export_model", "graph_from_exported"]
 
 aten = torch.ops.aten
 
@@ -54,7 +54,7 @@ _FUNCTIONS: dict[str, Callable[..., Any]] = {
     "matmul": operator.matmul, "bmm": torch.bmm, "mm": torch.mm, "addmm": torch.addmm, "baddbmm": torch.baddbmm,
     "linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d,
     "layer_norm": F.layer_norm, "group_norm": F.group_norm,
-    "scaled_dot_product_attention": F.scaled_dot_product_attention, "dropout": F.dropout,
+    "scaled_dot_product_attention": F.scaled_dot_product_attention,
     "gelu": F.gelu, "silu": F.silu, "relu": F.relu, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid,
     "sigmoid": torch.sigmoid, "tanh": torch.tanh, "cat": torch.cat, "stack": torch.stack, "pad": F.pad,
     "adaptive_avg_pool2d": F.adaptive_avg_pool2d, "adaptive_avg_pool1d": F.adaptive_avg_pool1d,
@@ -66,7 +66,8 @@ _FUNCTIONS: dict[str, Callable[..., Any]] = {
 _DROP = {"expand": ("implicit",), "layer_norm": ("cudnn_enable",),
          "group_norm": ("cudnn_enabled",)}
 # overloads whose torch-level form differs in meaning: left as ATen calls
-_KEEP_ATEN = {aten.div.Tensor_mode, aten.add.Scalar, aten.sub.Scalar}
+_KEEP_ATEN = {aten.div.Tensor_mode}
+Rewrite = tuple  # (op, target, args, kwargs) of the torch-level node
 _ASSERTS = ("_assert_scalar", "_assert_tensor_metadata", "sym_constrain_range", "sym_constrain_range_for_size",
             "_assert_async")
 
@@ -120,75 +121,64 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
-def _slice_index(node: fx.Node, graph: fx.Graph) -> tuple[Any, ...] | None:
-    """``aten.slice(x, dim, start, end, step)`` as an index tuple for ``operator.getitem``."""
-    b = _bound(node)
+def _slice(b: dict[str, Any], node: fx.Node) -> Rewrite | None:
+    """``aten.slice(x, dim, start, end, step)`` -> ``x[:, ..., start:end:step]`` (``operator.getitem``)."""
     dim = b.get("dim", 0)
-    val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
     if not isinstance(dim, int):
         return None
     if dim < 0:
+        val = b["self"].meta.get("val") if isinstance(b["self"], fx.Node) else None
         if val is None or not hasattr(val, "dim"):
             return None
         dim += val.dim()
     end = b.get("end")
     if isinstance(end, int) and end >= 2 ** 62:
         end = None
-    return (*([slice(None)] * dim), slice(b.get("start"), end, b.get("step", 1)))
+    return "call_function", operator.getitem, (b["self"], (*([slice(None)] * dim), slice(b.get("start"), end, b.get("step", 1)))), {}
 
 
-def _rewrite(node: fx.Node, graph: fx.Graph) -> fx.Node | None:
-    """The torch-level node replacing an ATen node (inserted before it), or None to keep the ATen call."""
+def _convolution(b: dict[str, Any], node: fx.Node) -> Rewrite | None:
+    """Core ATen's ``convolution`` (every conv) -> ``F.conv1d`` / ``F.conv2d`` when it is not transposed."""
+    weight = b["weight"].meta.get("val") if isinstance(b["weight"], fx.Node) else None
+    conv = {3: F.conv1d, 4: F.conv2d}.get(weight.dim() if weight is not None else 0)
+    if conv is None or b["transposed"]:
+        return None
+    return "call_function", conv, (b["input"], b["weight"], b["bias"], b["stride"], b["padding"], b["dilation"],
+                                   b["groups"]), {}
+
+
+# ops whose torch-level form takes other arguments than their schema's (arguments by schema name -> rewrite)
+_SPECIAL: dict[str, Callable[[dict[str, Any], fx.Node], Rewrite | None]] = {
+    "slice": _slice,
+    "convolution": _convolution,
+    "_softmax": lambda b, n: None if b.get("half_to_float") else ("call_method", "softmax", (b["self"], b["dim"]), {}),
+    "einsum": lambda b, n: ("call_function", torch.einsum, (b["equation"], *b["tensors"]), {}),
+    "constant_pad_nd": lambda b, n: ("call_function", F.pad, (b["self"], b["pad"], "constant", b.get("value", 0)), {}),
+    "add": lambda b, n: None if b.get("alpha", 1) != 1 else ("call_function", operator.add, (b["self"], b["other"]), {}),
+    "sub": lambda b, n: None if b.get("alpha", 1) != 1 else ("call_function", operator.sub, (b["self"], b["other"]), {}),
+    "dropout": lambda b, n: ("call_function", F.dropout, (b["input"], b["p"]), {"training": b["train"]}),
+}
+
+
+def _rewrite(node: fx.Node) -> Rewrite | None:
+    """The torch-level form of an ATen node: a rule of :data:`_SPECIAL`, a Tensor method of :data:`_METHODS` or a
+    function of :data:`_FUNCTIONS` taking the schema's arguments; None keeps the ATen call."""
     target = node.target
     if not isinstance(target, torch._ops.OpOverload) or target in _KEEP_ATEN:
         return None
     packet = target.overloadpacket.__name__
-    if packet == "slice":
-        index = _slice_index(node, graph)
-        if index is None:
-            return None
-        with graph.inserting_before(node):
-            return graph.call_function(operator.getitem, (node.args[0], index))
-    if packet == "add" and _bound(node).get("alpha", 1) != 1 or packet == "sub" and _bound(node).get("alpha", 1) != 1:
-        return None
-    if packet == "_softmax" and not _bound(node).get("half_to_float", False):
-        b = _bound(node)
-        with graph.inserting_before(node):
-            return graph.call_method("softmax", (b["self"], b["dim"]))
-    if packet == "convolution":  # core ATen's form of every conv
-        b = _bound(node)
-        weight = b["weight"].meta.get("val") if isinstance(b["weight"], fx.Node) else None
-        conv = {3: F.conv1d, 4: F.conv2d}.get(weight.dim() if weight is not None else 0)
-        if conv is None or b["transposed"]:
-            return None
-        with graph.inserting_before(node):
-            return graph.call_function(conv, (b["input"], b["weight"], b["bias"], b["stride"], b["padding"],
-                                              b["dilation"], b["groups"]))
-    if packet == "einsum":
-        b = _bound(node)
-        with graph.inserting_before(node):
-            return graph.call_function(torch.einsum, (b["equation"], *b["tensors"]))
-    if packet == "constant_pad_nd":
-        b = _bound(node)
-        with graph.inserting_before(node):
-            return graph.call_function(F.pad, (b["self"], b["pad"], "constant", b.get("value", 0)))
+    if packet in _SPECIAL:
+        return _SPECIAL[packet](_bound(node), node)
     first = target._schema.arguments[0] if target._schema.arguments else None
     if packet in _METHODS and first is not None and isinstance(first.type, torch.TensorType):
         args, kwargs = _schema_args(node, _DROP.get(packet, ()))
-        with graph.inserting_before(node):
-            return graph.call_method(_METHODS[packet], tuple(args), kwargs)
+        return "call_method", _METHODS[packet], tuple(args), kwargs
     if packet in _FUNCTIONS:
         args, kwargs = _schema_args(node, _DROP.get(packet, ()))
-        if packet == "dropout" and len(args) == 3:  # aten's `train` is F.dropout's `training`
-            args, kwargs = args[:2], {**kwargs, "training": args[2]}
-        if packet in ("arange", "zeros", "ones", "full") and kwargs.get("pin_memory") is False:
+        if kwargs.get("pin_memory") is False:  # torch.zeros & co. take it, but only ATen spells it out
             kwargs.pop("pin_memory")
-        with graph.inserting_before(node):
-            return graph.call_function(_FUNCTIONS[packet], tuple(args), kwargs)
+        return "call_function", _FUNCTIONS[packet], tuple(args), kwargs
     return None
-
-
-ATEN_RULES = {"methods": _METHODS, "functions": _FUNCTIONS}
 
 
 def is_exported_module(module: nn.Module) -> bool:
@@ -270,9 +260,12 @@ def graph_from_exported(module: fx.GraphModule, what: str = "the program") -> fx
                 graph.erase_node(user)
             graph.erase_node(node)
             continue
-        replacement = _rewrite(node, graph)
-        if replacement is None:
+        rewrite = _rewrite(node)
+        if rewrite is None:
             continue
+        op, target, args, kwargs = rewrite
+        with graph.inserting_before(node):
+            replacement = graph.create_node(op, target, args, kwargs)
         replacement.meta = dict(node.meta)
         node.replace_all_uses_with(replacement)
         graph.erase_node(node)
