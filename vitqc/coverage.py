@@ -245,7 +245,9 @@ def measure(gm: fx.GraphModule, record: dict[str, Any] | None = None) -> Coverag
                 else:
                     cov.matmul.add(0, True, True, True)
             elif isinstance(mod, nn.Linear):
-                left(path, "linear", mod.weight.numel(), f"{type(mod).__name__} call")
+                own = type(mod).forward is not nn.Linear.forward
+                left(path, "linear", mod.weight.numel(),
+                     f"{type(mod).__name__} call" + (" (a Linear with its own forward, kept whole)" if own else ""))
             elif isinstance(mod, _CONV_TYPES):
                 left(path, "conv", mod.weight.numel(), f"{type(mod).__name__} has no quantized form")
             elif not isinstance(mod, UniformQuantizer):
@@ -288,10 +290,8 @@ def measure(gm: fx.GraphModule, record: dict[str, Any] | None = None) -> Coverag
         if both:
             cov.matmul.add(0, True, True, False)
         else:
-            rule = rules.get((where, "matmul"))
-            reason_op = "" if node.target is operator.matmul else f"{_op_name(node)}: "
-            left(where, "matmul", 0, f"{reason_op}matmul of two activations without quantized inputs"
-                 if rule is None else "")
+            spelling = "" if node.target is operator.matmul else f"{_op_name(node)}: "
+            left(where, "matmul", 0, f"{spelling}a matmul of two activations without quantized inputs")
     return cov
 
 

@@ -138,7 +138,7 @@ def test_a_linear_with_its_own_forward_kept_whole_is_not_wrapped_and_is_reported
     ctx = CompileContext()
     gm = get_pass("insert_quantizers")()(gm, ctx).graph_module
     assert isinstance(gm.get_submodule("1"), QuantLinear) and type(gm.get_submodule("0")) is _OwnForwardLeaf
-    assert "0 (not recognised: _OwnForwardLeaf call)" in capsys.readouterr().err
+    assert "0 (not recognised: _OwnForwardLeaf call (a Linear with its own forward, kept whole))" in capsys.readouterr().err
     with pytest.raises(VitqcError, match="--strict"):
         get_pass("insert_quantizers")()(get_pass("canonicalize")()(capture(model, torch.randn(2, 4))).graph_module,
                                         CompileContext(strict=True))

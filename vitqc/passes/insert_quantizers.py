@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Literal
+from typing import Callable, Iterable, Iterator, Literal
 
 from torch import fx, nn
 
@@ -95,49 +95,30 @@ ROLES = ("head", "patch_embed")
 def role_layers(gm: fx.GraphModule) -> dict[str, set[str]]:
     """``head``: weight layers whose output reaches the graph output through no other weight layer or norm;
     ``patch_embed``: weight layers the input reaches through no other weight layer (see the module doc)."""
-    def stops(node: fx.Node) -> bool:
-        return node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Linear, nn.Conv2d, *_NORMS))
+    def module(node: fx.Node) -> nn.Module | None:
+        return gm.get_submodule(node.target) if node.op == "call_module" else None
 
     def is_weight(node: fx.Node) -> bool:
-        return node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Linear, nn.Conv2d))
+        return isinstance(module(node), (nn.Linear, nn.Conv2d))
 
-    def reaches(start: fx.Node, forward: bool) -> set[str]:
-        found, frontier, seen = set(), [start], {start}
+    def reach(starts: list[fx.Node], barrier: Callable[[fx.Node], bool]) -> set[fx.Node]:
+        """Nodes reached from ``starts`` along data uses, not past a node where ``barrier`` holds."""
+        seen, frontier = set(starts), list(starts)
         while frontier:
-            node = frontier.pop()
-            nexts = list(node.users) if forward else list(node.all_input_nodes)
-            for other in nexts:
-                if other in seen:
-                    continue
-                seen.add(other)
-                if forward and other.op == "output":
-                    found.add("<output>")
-                elif not forward and is_weight(other):
-                    found.add(str(other.target))
-                elif not stops(other):
-                    frontier.append(other)
-        return found
+            for user in frontier.pop().users:
+                if user not in seen and not reads_shape_only(user):
+                    seen.add(user)
+                    if not barrier(user):
+                        frontier.append(user)
+        return seen
 
-    roles: dict[str, set[str]] = {"head": set(), "patch_embed": set()}
+    def layer_or_norm(node: fx.Node) -> bool:
+        return is_weight(node) or isinstance(module(node), _NORMS)
+
+    weights = [n for n in gm.graph.nodes if is_weight(n)]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node in gm.graph.nodes:
-        if not is_weight(node):
-            continue
-        if "<output>" in reaches(node, forward=True):
-            roles["head"].add(str(node.target))
-    # the first weight layers: walk the data path forward from the input, stopping at each weight layer
-    frontier, seen = list(placeholders), set(placeholders)
-    while frontier:
-        node = frontier.pop()
-        for user in node.users:
-            if user in seen or reads_shape_only(user):
-                continue
-            seen.add(user)
-            if is_weight(user):
-                roles["patch_embed"].add(str(user.target))
-            else:
-                frontier.append(user)
-    return roles
+    return {"head": {str(n.target) for n in weights if any(u.op == "output" for u in reach([n], layer_or_norm))},
+            "patch_embed": {str(n.target) for n in reach(placeholders, is_weight) if is_weight(n)}}
 
 
 @dataclass
