@@ -197,7 +197,7 @@ def test_untraceable_model_names_module_and_node() -> None:
     assert "\n" not in msg
     assert "'gate'" in msg and "Gate" in msg
     assert "after node 'gt'" in msg
-    assert "register_notrace_module" in msg and "register_leaf_module" in msg
+    assert "register_leaf_module" in msg
 
 
 def test_register_leaf_module_makes_it_traceable() -> None:
@@ -227,7 +227,7 @@ def test_tracer_uses_timm_notrace_registry() -> None:
 
     tracer = VitqcTracer()
     assert nn.MultiheadAttention in tracer.leaf_types
-    assert set(get_notrace_modules()) <= set(tracer.leaf_types)
+    assert set(get_notrace_modules()) <= set(tracer.timm_leaf_types)
     assert {id(f) for f in get_notrace_functions() if callable(f)} <= set(tracer._autowrap_function_ids)
 
 
@@ -252,3 +252,122 @@ def test_functional_dropout_and_owner_of_functions() -> None:
     owners = {n.name: n.meta["vitqc_owner"] for n in gm.graph.nodes}
     assert owners["gelu"] == "block" and owners["block_fc"] == "block" and owners["mul"] == ""
     assert owners["x"] == "" and owners["output"] == ""
+
+
+# ------------------------------------------------------------------------------------ front ends (issue 21)
+def _canonical(gm: fx.GraphModule) -> fx.GraphModule:
+    return get_pass("canonicalize")()(gm).graph_module
+
+
+def _layers(gm: fx.GraphModule) -> dict[str, str]:
+    """Weight layers and norms called as modules (activations may be a module call or a function call)."""
+    return {str(n.target): type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"
+            and not isinstance(gm.get_submodule(n.target), (nn.GELU, nn.ReLU))}
+
+
+def test_fx_and_export_give_the_same_canonical_graph() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=2).eval()
+    x = _seeded_input(2, 3, 32, 32)
+    traced = _canonical(capture(model, x, frontend="fx"))
+    exported_gm = capture(model, x, frontend="export", quiet=True)
+    assert exported_gm.meta["vitqc"]["frontend"] == "export"
+    exported = _canonical(exported_gm)
+    assert _layers(exported) == _layers(traced)  # same module paths, nn.Linear / nn.Conv2d / nn.LayerNorm calls
+    assert _count_attention(exported) == _count_attention(traced) == (4, 2)
+    for gm in (traced, exported):
+        assert max_abs_diff(_run(gm, x), _run(model, x)) <= ATOL
+        assert not any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
+    # the exported graph keeps a symbolic batch: any batch size runs
+    assert max_abs_diff(_run(exported, x[:1]), _run(model, x[:1])) <= ATOL
+    owners = {n.meta["vitqc_owner"] for n in exported.graph.nodes if n.op == "call_function" and n.target is operator.matmul}
+    assert owners == {"blocks.0.attn", "blocks.1.attn"}
+
+
+class _ShapeBranch(nn.Module):
+    """A block fx cannot trace (Python branches on the input's size) that holds a weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 2 == 0:
+            x = x * 2
+        return self.fc(x)
+
+
+def test_auto_falls_back_to_export_in_one_line(capsys) -> None:
+    model = nn.Sequential(nn.Linear(8, 8), _ShapeBranch()).eval()
+    x = torch.randn(2, 8)
+    with pytest.raises(TraceFailure, match="'1'.*_ShapeBranch"):
+        capture(model, x, frontend="fx")
+    capsys.readouterr()
+    gm = capture(model, x)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("capture: Sequential: fx could not trace it: _ShapeBranch at 1")
+    assert err[0].endswith("captured with torch.export instead")
+    assert gm.meta["vitqc"]["frontend"] == "export" and "fx could not trace" in gm.meta["vitqc"]["frontend_reason"]
+    gm = _canonical(gm)
+    assert _layers(gm) == {"0": "Linear", "1.fc": "Linear"}
+    assert max_abs_diff(_run(gm, x), _run(model, x)) <= ATOL
+    capture(model, x, quiet=True)
+    assert capsys.readouterr().err == ""
+
+
+class _HoldsWeights(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).relu()
+
+
+class _NoWeights(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+def test_timm_leaves_that_hold_weights_are_traced_into() -> None:
+    from timm.layers import register_notrace_module
+
+    register_notrace_module(_HoldsWeights)
+    register_notrace_module(_NoWeights)
+    model = nn.Sequential(_HoldsWeights(), _NoWeights()).eval()
+    gm = capture(model, torch.randn(2, 8))
+    assert gm.meta["vitqc"]["frontend"] == "fx" and gm.meta["vitqc"]["opened_leaves"] == ["0"]
+    assert _layers(gm) == {"0.fc": "Linear", "1": "_NoWeights"}  # a leaf without weights stays whole
+
+
+@torch.fx.wrap
+def _apply_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x @ weight.t()
+
+
+class _WrappedFunction(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _apply_weight(x, self.proj.weight)
+
+
+def test_a_wrapped_function_applying_weights_is_exported() -> None:
+    model, x = _WrappedFunction().eval(), torch.randn(2, 8)
+    with pytest.raises(TraceFailure, match=r"keeps the function _apply_weight\(\) whole.*proj.weight"):
+        capture(model, x, frontend="fx")
+    gm = _canonical(capture(model, x, quiet=True))
+    assert _layers(gm) == {"proj": "Linear"}
+    assert max_abs_diff(_run(gm, x), _run(model, x)) <= ATOL
+
+
+def test_export_needs_an_example_and_a_known_front_end() -> None:
+    from vitqc.errors import VitqcError
+
+    with pytest.raises(TraceFailure, match="example input"):
+        capture(nn.Linear(2, 2), frontend="export")
+    with pytest.raises(VitqcError, match="front end"):
+        capture(nn.Linear(2, 2), torch.randn(2, 2), frontend="dynamo")

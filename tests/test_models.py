@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vitqc.capture import capture, max_abs_diff
-from vitqc.errors import VitqcError
+from vitqc.errors import TraceFailure, VitqcError
 from vitqc.models import LoadedModel, example_input, load_model, sha256_file
 
 VIT = "vit_tiny_patch16_224"
@@ -100,14 +100,28 @@ def test_pickled_module(tmp_path: Path) -> None:
 
 def test_exported_program(tmp_path: Path) -> None:
     ref = _vit(seed=4)
-    x = torch.randn(1, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32)
     path = tmp_path / "model.pt2"
-    torch.export.save(torch.export.export(ref, (x,)), str(path))
+    batch = torch.export.Dim("batch")
+    torch.export.save(torch.export.export(ref, (x,), dynamic_shapes=({0: batch},)), str(path))
     loaded = load_model(str(path))
     assert loaded.source["form"] == "export"
     with torch.no_grad():
         assert max_abs_diff(loaded.module(x), ref(x)) <= 1e-5
-    capture(loaded.module, x)  # an exported module can be captured too
+    gm = capture(loaded.module, x)  # captured from its own graph: the export front end
+    assert gm.meta["vitqc"]["frontend"] == "export"
+    with torch.no_grad():
+        assert max_abs_diff(gm(x[:1]), ref(x[:1])) <= 1e-5  # any batch size runs
+
+
+def test_exported_program_with_a_fixed_batch_is_refused(tmp_path: Path) -> None:
+    ref = _vit(seed=4)
+    x = torch.randn(1, 3, 32, 32)
+    path = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(ref, (x,)), str(path))
+    loaded = load_model(str(path))
+    with pytest.raises(TraceFailure, match="fixed batch size of 1.*Dim"):
+        capture(loaded.module, x)
 
 
 def test_factory_file(tmp_path: Path) -> None:

@@ -1,22 +1,38 @@
-"""Capture an ``nn.Module`` to a ``torch.fx.GraphModule`` with a timm-aware tracer.
+"""Capture an ``nn.Module`` to a ``torch.fx.GraphModule``: one graph form, whichever front end made it.
+
+Front ends (:func:`capture` picks one and records it in ``gm.meta["vitqc"]["frontend"]``):
+
+* ``fx``: symbolic tracing with :class:`VitqcTracer` (the default; the graph keeps the model's modules as
+  ``call_module`` nodes);
+* ``export``: ``torch.export`` (:mod:`vitqc.from_export`), for ``.pt2`` programs, transformers models (their
+  forward branches on input shapes) and any model fx cannot trace: when fx fails, :func:`capture` says so in one
+  line on stderr and exports instead. The exported ATen graph is turned into the same torch-level fx form.
+
+transformers models are captured through :class:`vitqc.hf.HFImageModel` (``images -> logits``) whatever form
+they were given in.
 
 :class:`VitqcTracer` is ``torch.fx.Tracer`` with
 
-* leaf modules: torch's defaults (every ``torch.nn`` module but ``nn.Sequential``), timm's registered no-trace
-  modules (``timm.layers.register_notrace_module``), ``nn.MultiheadAttention`` (a black box that the
-  ``decompose_mha`` pass opens) and whatever was given to :func:`register_leaf_module`;
+* leaf modules: torch's defaults (every ``torch.nn`` module but ``nn.Sequential``), ``nn.MultiheadAttention``
+  (a black box that the ``decompose_mha`` pass opens), whatever was given to :func:`register_leaf_module`, and
+  timm's registered no-trace modules (``timm.layers.register_notrace_module``) *that hold no weight matrix*:
+  timm keeps e.g. MobileViT's ``MobileVitBlock`` whole, which would leave its transformer in floating point, so
+  such modules are traced into (and when that fails, the model is exported instead);
 * autowrapped functions: timm's no-trace functions (``timm.layers.register_notrace_function``) and those given
   to :func:`register_leaf_function`;
 * ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` traced through plain-Python re-implementations of
   their slow path (their fast-path checks call ``bool()`` on tensors and cannot be traced), so their
   ``self_attn`` / ``linear1`` / ``norm1`` ... appear as ordinary ``call_module`` nodes.
 
-Node metadata after :func:`capture`:
+Node metadata after :func:`capture` (both front ends):
 
-* ``nn_module_stack`` (torch's own): ``{key: (module path, module type)}``, outermost first;
+* ``nn_module_stack``: ``{key: (module path, module type)}``, outermost first;
 * ``vitqc_owner``: the path of the module that owns the node (``"blocks.0.attn"`` for the matmul inside that
   attention; for ``call_module`` / ``get_attr`` nodes the parent path of the target; ``""`` for the root);
 * ``tensor_meta`` (torch's ``ShapeProp``) when an example input was given.
+
+The ``canonicalize`` pass then brings either graph to the canonical form the quantization passes expect (README,
+"Writing a pass").
 """
 from __future__ import annotations
 
@@ -31,11 +47,14 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten
 
-from vitqc.errors import TraceFailure
+from vitqc.coverage import opaque_weight_calls
+from vitqc.errors import TraceFailure, VitqcError
+from vitqc.graph import owner_of
 
 __all__ = ["VitqcTracer", "capture", "register_leaf_module", "register_leaf_function", "set_owner_meta",
-           "owner_of", "max_abs_diff", "NodeEmitter", "static_tensor_meta", "static_dtype", "get_attr_value",
-           "finish_graph"]
+           "max_abs_diff", "FRONTENDS", "CaptureFailed"]
+
+FRONTENDS = ("auto", "fx", "export")
 
 _LEAF_MODULES: set[type[nn.Module]] = set()
 _LEAF_FUNCTIONS: set[Callable[..., Any]] = set()
@@ -122,8 +141,15 @@ def _reimplementation(m: nn.Module) -> Callable[..., Any] | None:
     return None
 
 
+def holds_weights(m: nn.Module) -> bool:
+    """Whether ``m`` holds a weight matrix (a parameter of two or more dims: a linear or conv weight)."""
+    return any(p.dim() >= 2 for p in m.parameters())
+
+
 class VitqcTracer(fx.Tracer):
-    """``torch.fx.Tracer`` that knows timm's leaf modules/functions and traces nn.TransformerEncoder(Layer)."""
+    """``torch.fx.Tracer`` that knows timm's leaf modules/functions and traces nn.TransformerEncoder(Layer).
+
+    timm's no-trace modules that hold weights are traced into (their paths are kept in ``opened``)."""
 
     def __init__(self, leaf_modules: tuple[type[nn.Module], ...] = (),
                  autowrap_functions: tuple[Callable[..., Any], ...] = ()) -> None:
@@ -131,12 +157,20 @@ class VitqcTracer(fx.Tracer):
         fns = tuple(dict.fromkeys([*timm_fns, *_LEAF_FUNCTIONS, *autowrap_functions]))
         super().__init__(autowrap_functions=fns)
         self.leaf_types: tuple[type[nn.Module], ...] = tuple(
-            dict.fromkeys([*timm_mods, *_LEAF_MODULES, *leaf_modules, nn.MultiheadAttention]))
+            dict.fromkeys([*_LEAF_MODULES, *leaf_modules, nn.MultiheadAttention]))
+        self.timm_leaf_types: tuple[type[nn.Module], ...] = tuple(timm_mods)
+        self.opened: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if _reimplementation(m) is not None:
             return False
         if isinstance(m, self.leaf_types):
+            return True
+        if isinstance(m, self.timm_leaf_types):
+            if holds_weights(m):
+                if module_qualified_name not in self.opened:
+                    self.opened.append(module_qualified_name)
+                return False
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -162,16 +196,6 @@ class VitqcTracer(fx.Tracer):
 
 
 # ------------------------------------------------------------------------------------------- node meta
-def owner_of(node: fx.Node) -> str:
-    """The path of the module a node belongs to (see the module docstring)."""
-    if node.op in ("call_module", "get_attr"):
-        return str(node.target).rpartition(".")[0]
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        return str(list(stack.values())[-1][0])
-    return ""
-
-
 def set_owner_meta(gm: fx.GraphModule) -> None:
     """Set ``node.meta["vitqc_owner"]`` on every node that lacks it."""
     for node in gm.graph.nodes:
@@ -180,26 +204,37 @@ def set_owner_meta(gm: fx.GraphModule) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- capture
-def _failure_message(model: nn.Module, e: BaseException) -> str:
+class CaptureFailed(TraceFailure):
+    """A front end could not capture the model; ``short`` says why in a few words (for the fallback line)."""
+
+    def __init__(self, message: str, short: str) -> None:
+        super().__init__(message)
+        self.short = short
+
+
+def _fx_failure(model: nn.Module, e: BaseException) -> CaptureFailed:
+    """Where and why fx failed, with a hint for making it traceable (one line)."""
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     where = getattr(e, "_vitqc_where", None)
     frames = [f for f in traceback.extract_tb(e.__traceback__)
               if "/torch/" not in f.filename and not f.filename.endswith("vitqc/capture.py")]
     loc = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    short_loc = f" at {frames[-1].filename.rpartition('/')[2]}:{frames[-1].lineno}" if frames else ""
     if where is not None:
         path, cls, last = where
         place = f"in module '{path}' ({cls.__qualname__})" if path else f"in {cls.__qualname__}.forward"
+        short = f"{cls.__qualname__}{f' at {path}' if path else ''}: {type(e).__name__}{short_loc}"
         node = f", after node '{last}'" if last else ""
-        hint = (f"; make it a leaf with timm.layers.register_notrace_module({cls.__qualname__}) or "
-                f"vitqc.capture.register_leaf_module({cls.__qualname__})")
+        hint = (f"; make it a leaf with vitqc.capture.register_leaf_module({cls.__qualname__}) (it then stays in "
+                f"floating point)")
     else:
         place, node, hint = f"in {type(model).__qualname__}.forward", "", ""
-    fn_hint = ""
+        short = f"{type(e).__name__}{short_loc}"
     if frames and frames[-1].name != "forward":
-        fn_hint = (f", or wrap the function {frames[-1].name}() with timm.layers.register_notrace_function "
-                   f"/ vitqc.capture.register_leaf_function")
-    return (f"could not capture {type(model).__qualname__} to a torch.fx graph {place}{node}: "
-            f"{type(e).__name__}: {first}{loc}{hint}{fn_hint}")
+        hint += (f", or wrap the function {frames[-1].name}() with timm.layers.register_notrace_function "
+                 f"/ vitqc.capture.register_leaf_function")
+    return CaptureFailed(f"could not capture {type(model).__qualname__} to a torch.fx graph {place}{node}: "
+                         f"{type(e).__name__}: {first}{loc}{hint}", short)
 
 
 def _flat_tensors(value: Any) -> list[torch.Tensor]:
@@ -250,20 +285,8 @@ def _drop_specialised_inputs(graph: fx.Graph, names: list[str]) -> None:
             graph.erase_node(node)
 
 
-def capture(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
-            check: bool = True, atol: float = 1e-5, concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
-    """Trace ``model`` (put in eval mode) with :class:`VitqcTracer` into a GraphModule in eval mode.
-
-    Forward parameters after the inputs that have constant defaults (timm's ``attn_mask=None``,
-    ``is_causal=False``) are specialised to them unless ``concrete_args`` says otherwise. With ``example``,
-    shapes are recorded in ``node.meta["tensor_meta"]`` and, if ``check``, the graph's output is compared
-    with the eager model's (max abs diff <= ``atol``). Raises :class:`TraceFailure` (one line).
-    """
-    try:
-        model.eval()
-    except NotImplementedError:  # torch.export'ed modules refuse .eval(); they are exported in eval mode
-        pass
-    args = None if example is None else (example if isinstance(example, tuple) else (example,))
+def _trace_fx(model: nn.Module, args: tuple[torch.Tensor, ...] | None,
+              concrete_args: dict[str, Any] | None) -> tuple[fx.GraphModule, list[str]]:
     if concrete_args is None:
         concrete_args = _default_concrete_args(model, None if args is None else len(args))
     tracer = VitqcTracer()
@@ -272,107 +295,108 @@ def capture(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...] |
         if concrete_args:
             _drop_specialised_inputs(graph, list(concrete_args))
     except Exception as e:
-        raise TraceFailure(_failure_message(model, e)) from e
+        raise _fx_failure(model, e) from e
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     set_owner_meta(gm)
-    gm.eval()
-    gm.meta["vitqc"] = {"captured_from": type(model).__qualname__}
-    if args is not None:
-        with torch.no_grad():
-            try:
-                got = ShapeProp(gm).propagate(*args)
-            except Exception as e:
-                first = (str(e).strip().splitlines() or [""])[0]
-                raise TraceFailure(f"the captured graph of {type(model).__qualname__} fails on the example input: "
-                                   f"{type(e).__name__}: {first}") from e
-            if check:
-                want = model(*args)
-                diff = max_abs_diff(got, want)
-                if not diff <= atol:
-                    raise TraceFailure(
-                        f"the captured graph of {type(model).__qualname__} disagrees with the eager model "
-                        f"(max abs diff {diff:.3g} > {atol:g}); a module probably branches on its input: register "
-                        f"it with vitqc.capture.register_leaf_module")
-    return gm
+    opaque = opaque_weight_calls(gm)
+    if opaque:
+        node, weights = opaque[0]
+        name = getattr(node.target, "__name__", str(node.target))
+        raise CaptureFailed(f"fx keeps the function {name}() whole, and it applies the weights "
+                            f"{', '.join(weights[:2])}: they could not be quantized",
+                            f"it keeps {name}() whole, which applies {weights[0]}")
+    return gm, tracer.opened
 
 
-# ------------------------------------------------------------------ graph-editing helpers used by passes
-class NodeEmitter:
-    """Creates nodes before ``anchor`` that carry the capture metadata (for passes that rewrite the graph).
-
-    Every emitted node gets ``vitqc_owner`` = ``owner`` (default: the anchor's owner; for ``call_module`` nodes
-    always the parent path of the target) and a copy of the anchor's ``nn_module_stack``, extended with
-    ``owner`` when ``owner_type`` is given and the stack does not already end there.
-    """
-
-    def __init__(self, graph: fx.Graph, anchor: fx.Node, owner: str | None = None,
-                 owner_type: type | None = None) -> None:
-        self.graph = graph
-        self.anchor = anchor
-        self.owner = owner if owner is not None else anchor.meta.get("vitqc_owner", owner_of(anchor))
-        stack = dict(anchor.meta.get("nn_module_stack", {}) or {})
-        if owner and owner_type is not None and (not stack or list(stack.values())[-1][0] != owner):
-            stack[owner] = (owner, owner_type)
-        self.stack = stack
-        self.created: list[fx.Node] = []
-
-    def _meta(self, node: fx.Node) -> fx.Node:
-        if self.stack:
-            node.meta["nn_module_stack"] = dict(self.stack)
-        node.meta["vitqc_owner"] = owner_of(node) if node.op == "call_module" else self.owner
-        self.created.append(node)
-        return node
-
-    def function(self, target: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
-        with self.graph.inserting_before(self.anchor):
-            return self._meta(self.graph.call_function(target, tuple(args), kwargs))
-
-    def method(self, name: str, *args: Any, **kwargs: Any) -> fx.Node:
-        with self.graph.inserting_before(self.anchor):
-            return self._meta(self.graph.call_method(name, tuple(args), kwargs))
-
-    def module(self, target: str, *args: Any, **kwargs: Any) -> fx.Node:
-        with self.graph.inserting_before(self.anchor):
-            return self._meta(self.graph.call_module(target, tuple(args), kwargs))
-
-
-def static_tensor_meta(value: Any) -> Any:
-    """``tensor_meta`` of a node (ShapeProp at capture) when it describes a single tensor, else None."""
-    if not isinstance(value, fx.Node):
-        return None
-    meta = value.meta.get("tensor_meta")
-    if meta is not None and hasattr(meta, "shape") and hasattr(meta, "dtype"):
-        return meta
-    return None
-
-
-def get_attr_value(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def static_dtype(gm: fx.GraphModule, value: Any) -> torch.dtype | None:
-    """A value's dtype when known without running the graph (tensor_meta, a get_attr tensor), else None."""
-    if isinstance(value, torch.Tensor):
-        return value.dtype
-    meta = static_tensor_meta(value)
-    if meta is not None:
-        return meta.dtype
-    if isinstance(value, fx.Node) and value.op == "get_attr":
+def _check(gm: fx.GraphModule, model: nn.Module, args: tuple[torch.Tensor, ...], check: bool, atol: float,
+           frontend: str) -> None:
+    """Record shapes (ShapeProp) and compare the graph's output with the eager model's."""
+    name = type(model).__qualname__
+    with torch.no_grad():
         try:
-            obj = get_attr_value(gm, str(value.target))
-        except AttributeError:
-            return None
-        if isinstance(obj, torch.Tensor):
-            return obj.dtype
-    return None
+            got = ShapeProp(gm).propagate(*args)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise CaptureFailed(f"the {frontend} graph of {name} fails on the example input: "
+                                f"{type(e).__name__}: {first}",
+                                f"its graph fails on the example input: {type(e).__name__}") from e
+        if check:
+            want = model(*args)
+            diff = max_abs_diff(got, want)
+            if not diff <= atol:
+                raise CaptureFailed(
+                    f"the {frontend} graph of {name} disagrees with the eager model (max abs diff {diff:.3g} > "
+                    f"{atol:g}); a module probably branches on its input: register it with "
+                    f"vitqc.capture.register_leaf_module",
+                    f"its graph disagrees with the eager model (max abs diff {diff:.3g})")
 
 
-def finish_graph(gm: fx.GraphModule, delete_unused_submodules: bool = True) -> None:
-    """Lint and recompile after a rewrite (and drop submodules no node uses any more)."""
-    gm.graph.lint()
-    if delete_unused_submodules:
-        gm.delete_all_unused_submodules()
-    gm.recompile()
+def _say(message: str) -> None:
+    from vitqc.progress import console
+
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def capture(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+            check: bool = True, atol: float = 1e-5, concrete_args: dict[str, Any] | None = None,
+            frontend: str = "auto", quiet: bool = False) -> fx.GraphModule:
+    """Capture ``model`` (put in eval mode) into a GraphModule in eval mode (see the module docstring).
+
+    ``frontend``: ``"fx"``, ``"export"`` or ``"auto"``: ``.pt2`` programs and transformers models are exported,
+    everything else is traced with fx, and exported when fx fails (one line on stderr unless ``quiet``). Export
+    needs ``example``. fx specialises forward parameters after the inputs that have constant defaults (timm's
+    ``attn_mask=None``, ``is_causal=False``) unless ``concrete_args`` says otherwise. With ``example``, shapes are
+    recorded in ``node.meta["tensor_meta"]`` and, if ``check``, the graph's output is compared with the eager
+    model's (max abs diff <= ``atol``). ``gm.meta["vitqc"]`` says which front end made the graph and why.
+    Raises :class:`TraceFailure` (one line).
+    """
+    from vitqc.from_export import export_model, graph_from_exported, is_exported_module
+    from vitqc.hf import HFImageModel, is_hf_model
+
+    if frontend not in FRONTENDS:
+        raise VitqcError(f"unknown capture front end {frontend!r}: use one of {', '.join(FRONTENDS)}")
+    if is_hf_model(model):
+        model = HFImageModel(model)
+    try:
+        model.eval()
+    except NotImplementedError:  # torch.export'ed modules refuse .eval(); they are exported in eval mode
+        pass
+    args = None if example is None else (example if isinstance(example, tuple) else (example,))
+    name = "ExportedProgram" if is_exported_module(model) else type(model).__qualname__
+    opened: list[str] = []
+    reason = None
+    if is_exported_module(model):
+        if frontend == "fx":
+            raise TraceFailure("a torch.export program is captured from its own graph: use frontend='export' or 'auto'")
+        used, reason = "export", "a torch.export program"
+        gm = graph_from_exported(model, "the torch.export program")
+    elif frontend == "export" or (frontend == "auto" and isinstance(model, HFImageModel)):
+        if args is None:
+            raise TraceFailure(f"capturing {name} with torch.export needs an example input")
+        used = "export"
+        reason = "asked for" if frontend == "export" else "transformers models branch on input shapes"
+        gm = graph_from_exported(export_model(model, args[0]), name)
+    else:
+        used = "fx"
+        try:
+            gm, opened = _trace_fx(model, args, concrete_args)
+            if args is not None:
+                _check(gm, model, args, check, atol, "fx")
+        except CaptureFailed as e:
+            if frontend == "fx" or args is None:
+                raise
+            reason = f"fx could not trace it: {e.short}"
+            try:
+                gm = graph_from_exported(export_model(model, args[0]), name)
+            except TraceFailure as export_failure:
+                raise TraceFailure(f"{e}; {export_failure}") from export_failure
+            used, opened = "export", []
+    if used == "export" and args is not None:
+        _check(gm, model, args, check, atol, "torch.export")
+    if used == "export" and not quiet:
+        _say(f"capture: {name}: {reason}; captured with torch.export instead" if reason.startswith("fx could not")
+             else f"capture: {name} with torch.export ({reason})")
+    gm.eval()
+    gm.meta["vitqc"] = {"captured_from": name, "frontend": used, "frontend_reason": reason,
+                        "opened_leaves": opened}
+    return gm

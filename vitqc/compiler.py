@@ -10,7 +10,6 @@ artifact the command line writes.
 """
 from __future__ import annotations
 
-import copy
 import random
 import time
 from dataclasses import dataclass, field
@@ -78,19 +77,25 @@ def check_finite_weights(module: nn.Module, what: str = "the model") -> None:
 def run_pipeline(graph: fx.GraphModule, pipeline: str | Pipeline, calib: torch.Tensor | Sequence[torch.Tensor] | None,
                  *, reference: nn.Module | None = None, seed: int = 0, dump_graphs: str | Path | None = None,
                  quiet: bool = False, work_dir: str | Path | None = None, resume: bool = False,
-                 device: str | torch.device = "cpu") -> tuple[fx.GraphModule, CompileContext, list[dict]]:
+                 device: str | torch.device = "cpu", strict: bool = False) -> tuple[fx.GraphModule, CompileContext, list[dict]]:
     """Run ``pipeline`` over a captured ``graph`` (rewritten in place): the graph, the context the passes
-    filled (layer table, records) and one statistics row per pass."""
+    filled (layer table, records, ``record["coverage"]``: :mod:`vitqc.coverage`) and one statistics row per pass.
+    ``strict``: a weight or attention matmul the pipeline cannot recognise is an error instead of a warning."""
+    from vitqc.coverage import report as report_coverage
+    from vitqc.passes.canonicalize import reference_copy
+
     pipe = load_pipeline(pipeline)
     passes = pipe.instantiate()
-    reference = (copy.deepcopy(graph) if reference is None else reference).to(device)
+    reference = (reference_copy(graph) if reference is None else reference).to(device)
     ctx = CompileContext(calib=calib, reference=reference, seed=seed, quiet=quiet,
                          work_dir=None if work_dir is None else str(work_dir), resume=resume,
-                         device=torch.device(device), pipeline=pipe)
+                         device=torch.device(device), pipeline=pipe, strict=strict)
+    ctx.record["capture"] = dict(graph.meta.get("vitqc", {}))  # front end and why (vitqc.capture)
     manager = PassManager(passes, dump_dir=dump_graphs)
     gm = manager(graph, ctx).graph_module
+    report_coverage(gm, ctx.record, quiet=quiet)
     stats = [vars(s) for s in manager.stats]
-    gm.meta["vitqc"] = {"pipeline": pipe.to_dict(), "record": ctx.record, "passes": stats}
+    gm.meta["vitqc"] = {**gm.meta.get("vitqc", {}), "pipeline": pipe.to_dict(), "record": ctx.record, "passes": stats}
     return gm, ctx, stats
 
 
@@ -247,7 +252,7 @@ def compile(model: nn.Module | str | Any, pipeline: str | Pipeline, calib: Any =
             seed: int = 0, set: Sequence[str] = (), device: str | torch.device = "cpu",
             work_dir: str | Path | None = None, resume: bool = False, dump_graphs: str | Path | None = None,
             class_names: str | Path | None = None, diffusion: str | None = None, example: torch.Tensor | None = None,
-            reference: nn.Module | None = None, measure: bool | None = None, quiet: bool = False,
+            reference: nn.Module | None = None, measure: bool | None = None, strict: bool = False, quiet: bool = False,
             model_kwargs: dict[str, Any] | None = None, checkpoint: str | Path | None = None,
             pretrained: bool = False, **overrides: Any) -> CompileResult:
     """Quantize ``model`` with ``pipeline`` and return a :class:`CompileResult`.
@@ -262,13 +267,17 @@ def compile(model: nn.Module | str | Any, pipeline: str | Pipeline, calib: Any =
     ``preprocess``: how image files become inputs (default: the model's own data config).
     Measurements run on ``eval_data`` (labelled ImageFolder; the demo's test split for the demo), else on the
     held-out images; ``measure=True`` falls back to the calibration images themselves (with a warning: they set
-    the ranges), ``measure=False`` skips them; by default they run when there is something held out. With ``out`` the output path
+    the ranges), ``measure=False`` skips them; by default they run when there is something held out.
+    ``strict``: a weight or attention matmul vitqc does not recognise is an error, not a warning (coverage in
+    ``result.coverage``, :mod:`vitqc.coverage`). With ``out`` the output path
     is checked before any long work and the artifact is written there. Long passes checkpoint into
     ``work_dir``; ``resume`` continues from there.
     """
     from vitqc.archive import check_free_space, check_output_path
     from vitqc.capture import capture
     from vitqc.console import warn
+    from vitqc.from_export import is_exported_module
+    from vitqc.passes.canonicalize import reference_copy
 
     started = time.time()
     if calib is None and example is None and not (model == "demo" or isinstance(model, fx.GraphModule)):
@@ -288,7 +297,8 @@ def compile(model: nn.Module | str | Any, pipeline: str | Pipeline, calib: Any =
                                        ("pretrained", pretrained)) if v}
     loaded, preprocess = _load(model, preprocess, model_options)
     module = loaded.module
-    if not isinstance(module, fx.GraphModule):
+    captured = isinstance(module, fx.GraphModule) and not is_exported_module(module)  # a torch.export program is not
+    if not captured:
         check_finite_weights(module)
     if out is not None:
         fp32_bytes = sum(t.numel() * 4 for t in module.state_dict().values() if isinstance(t, torch.Tensor))
@@ -304,11 +314,11 @@ def compile(model: nn.Module | str | Any, pipeline: str | Pipeline, calib: Any =
             raise VitqcError("vitqc.compile needs calibration images (calib=...) or an `example` input to trace "
                              "the model; on the command line: --calib images:DIR, or --calib inversion without data")
         example = calibration.images[:1]
-    if isinstance(module, fx.GraphModule):
+    if captured:
         graph = module
     else:
         on = next(module.parameters(), None)  # a model moved by an earlier compile on a GPU
-        graph = capture(module, example if on is None else example.to(on.device))
+        graph = capture(module, example if on is None else example.to(on.device), quiet=quiet)
         with torch.no_grad():
             fp_out = graph(example if on is None else example.to(on.device))
         if isinstance(fp_out, torch.Tensor) and not bool(torch.isfinite(fp_out).all()):
@@ -316,10 +326,10 @@ def compile(model: nn.Module | str | Any, pipeline: str | Pipeline, calib: Any =
                              "its preprocessing is broken; check it with `vitqc eval MODEL --data DIR`")
     graph = graph.cpu()
     if reference is None:
-        reference = copy.deepcopy(graph)  # the passes rewrite `graph` in place
+        reference = reference_copy(graph)  # the passes rewrite `graph` in place
     quantized, ctx, stats = run_pipeline(
         graph, pipe, None if calibration is None else calibration.images, reference=reference, seed=seed,
-        dump_graphs=dump_graphs, quiet=quiet, work_dir=work_dir, resume=resume, device=device)
+        dump_graphs=dump_graphs, quiet=quiet, work_dir=work_dir, resume=resume, device=device, strict=strict)
     layers = ctx.layers if len(ctx.layers) else LayerTable.from_list(
         ctx.record.get("insert_quantizers", {}).get("layers", []))
     result = CompileResult(

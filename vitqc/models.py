@@ -6,6 +6,11 @@
                                    it is done only for a file the user names (``weights_only=False``)
 ``FILE.pt2``                       a ``torch.export`` program: ``torch.export.load(FILE).module()``
 ``FILE.py:factory``                imports FILE by path and calls ``factory(**model_kwargs)``
+``hf:DIR_OR_ID``                   a transformers image classifier or backbone: ``from_pretrained`` of a
+                                   ``save_pretrained`` directory (offline) or a hub id; model kwargs go to
+                                   ``from_pretrained`` (``{"attn_implementation": "eager"}``; ``"output"`` picks
+                                   ``logits`` / ``pooler_output`` / ``last_hidden_state``); preprocessing from its
+                                   ``preprocessor_config.json`` (:mod:`vitqc.hf`)
 =================================  =============================================================================
 
 ``checkpoint`` (any form): a ``.safetensors`` file or a ``torch.save``'d state dict (read with
@@ -37,7 +42,8 @@ __all__ = ["LoadedModel", "load_model", "load_model_and_preprocess", "example_in
 class LoadedModel:
     module: nn.Module
     source: dict[str, Any] = field(default_factory=dict)  # JSON-able: where the model came from
-    data_config: dict[str, Any] | None = None  # timm.data.resolve_data_config for timm models, else None
+    # timm.data.resolve_data_config for timm models, the image processor's config for hf: models, else None
+    data_config: dict[str, Any] | None = None
 
     @property
     def preprocess(self):
@@ -270,13 +276,20 @@ def _data_config(module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any] | 
 
 def load_model(spec: str, model_kwargs: dict[str, Any] | None = None, checkpoint: str | None = None,
                pretrained: bool = False) -> LoadedModel:
-    """Load a model given as ``timm:NAME``, ``FILE.pt``/``.pth``, ``FILE.pt2`` or ``FILE.py:factory`` (eval mode)."""
+    """Load a model given as ``timm:NAME``, ``hf:DIR_OR_ID``, ``FILE.pt``/``.pth``, ``FILE.pt2`` or ``FILE.py:factory``
+    (eval mode)."""
     kwargs = dict(model_kwargs or {})
     source: dict[str, Any] = {"spec": spec}
+    hf_data_config = None
     if spec.startswith("timm:"):
         name = spec[len("timm:"):]
         module = _timm_model(name, kwargs, pretrained)
         source.update(form="timm", name=name, pretrained=pretrained)
+    elif spec.startswith("hf:"):
+        from vitqc.hf import load_hf
+
+        module, hf_source, hf_data_config = load_hf(spec[len("hf:"):], kwargs)
+        source.update(hf_source)
     elif (m := _FACTORY_SPEC.match(spec)) is not None:
         path = _existing_file(m["file"], "model file")
         module = _factory_module(path, m["fn"], kwargs)
@@ -301,7 +314,7 @@ def load_model(spec: str, model_kwargs: dict[str, Any] | None = None, checkpoint
                 hint = f"; did you mean timm:{spec}?"
         except Exception:  # pragma: no cover
             pass
-        raise VitqcError(f"cannot tell what model {spec!r} is: use timm:NAME, FILE.pt, FILE.pt2 or "
+        raise VitqcError(f"cannot tell what model {spec!r} is: use timm:NAME, hf:DIR_OR_ID, FILE.pt, FILE.pt2 or "
                          f"FILE.py:factory{hint}")
     if kwargs and source["form"] in ("pickle", "export"):
         raise VitqcError(f"model kwargs {sorted(kwargs)} only apply to timm:NAME and FILE.py:factory models")
@@ -312,7 +325,8 @@ def load_model(spec: str, model_kwargs: dict[str, Any] | None = None, checkpoint
         module.eval()
     except NotImplementedError:  # torch.export'ed modules refuse .eval(); they were exported in eval mode
         pass
-    return LoadedModel(module=module, source=source, data_config=_data_config(module, kwargs))
+    data_config = hf_data_config if source["form"] == "hf" else _data_config(module, kwargs)
+    return LoadedModel(module=module, source=source, data_config=data_config)
 
 
 def example_input(loaded: LoadedModel, batch_size: int = 1, seed: int = 0) -> torch.Tensor:

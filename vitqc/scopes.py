@@ -43,14 +43,39 @@ def last_nodes(graph: fx.Graph, scopes: Iterable[str], ops: Iterable[str] = COMP
 
 def block_scopes(gm: fx.GraphModule, patterns: list[str]) -> list[str]:
     """Module paths of the blocks: those matching the first pattern that matches any scope in the graph
-    (``blocks.*`` for ViT/DeiT, ``layers.*.blocks.*`` for Swin), in execution order of their indices."""
+    (``blocks.*`` for ViT/DeiT, ``layers.*.blocks.*`` for Swin), in execution order of their indices. When no
+    pattern matches (transformers' ``vit.layers.0``, PVT's ``stages.0.blocks.0``), the blocks are found by
+    structure: :func:`attention_scopes`."""
     all_scopes = set().union(*(node_scopes(n) for n in gm.graph.nodes))
     for pattern in patterns:
         depth = pattern.count(".")
         hits = [p for p in all_scopes if p.count(".") == depth and fnmatch.fnmatchcase(p, pattern)]
         if hits:
             return sorted(hits, key=lambda p: [int(x) if x.isdigit() else x for x in p.split(".")])
-    return []
+    return attention_scopes(gm)
+
+
+def _is_attention(node: fx.Node) -> bool:
+    target = getattr(node.target, "__name__", node.target)
+    return (node.op == "call_method" and node.target == "softmax") or \
+        (node.op == "call_function" and target in ("softmax", "scaled_dot_product_attention"))
+
+
+def attention_scopes(gm: fx.GraphModule) -> list[str]:
+    """The outermost module scopes that hold exactly one attention (a softmax or a fused attention call):
+    a transformer block whatever its path, in the order the graph runs them."""
+    counts: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for index, node in enumerate(gm.graph.nodes):
+        if node.op not in COMPUTE_OPS:
+            continue
+        for scope in node_scopes(node):
+            first.setdefault(scope, index)
+            if _is_attention(node):
+                counts[scope] = counts.get(scope, 0) + 1
+    single = {s for s, c in counts.items() if c == 1}
+    outer = [s for s in single if not any(s.startswith(p + ".") for p in single)]
+    return sorted(outer, key=lambda s: first[s])
 
 
 def with_scope_outputs(gm: fx.GraphModule, scopes: list[str], who: str = "vitqc") -> fx.GraphModule:

@@ -79,3 +79,66 @@ def test_quantizers_are_uncalibrated_until_calibrate():
     with pytest.raises(RuntimeError, match="before calibration"):
         gm(torch.randn(1, 3, 16, 16))
     assert len(quantizers(gm)) > 0
+
+
+# ------------------------------------------------------------------------------ roles, rules record (issue 21)
+class _HFStyle(torch.nn.Module):
+    """transformers-style names: neither `head` nor `patch_embed` is a module path."""
+
+    def __init__(self):
+        super().__init__()
+        self.projection = torch.nn.Conv2d(3, 16, 4, 4)
+        self.layer = torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 16), torch.nn.GELU(),
+                                         torch.nn.Linear(16, 16))
+        self.classifier = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.projection(x).flatten(2).transpose(1, 2)
+        x = x + self.layer(x)
+        return self.classifier(x.mean(1))
+
+
+def test_head_and_patch_embed_name_roles_when_no_path_matches():
+    gm = capture(_HFStyle(), torch.randn(2, 3, 16, 16))
+    gm = get_pass("canonicalize")()(gm).graph_module
+    gm, ctx = run(gm, weight_bits=4, act_bits=4, keep={"head": 8, "patch_embed": 8})
+    bits = {n: m.weight_quantizer.bits for n, m in gm.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+    assert bits == {"projection": 8, "layer.1": 4, "layer.3": 4, "classifier": 8}
+    assert ctx.record["insert_quantizers"]["roles"] == {"head": ["classifier"], "patch_embed": ["projection"]}
+
+
+def test_a_path_that_exists_wins_over_the_role():
+    gm, ctx = run(canonical_vit(), weight_bits=4, keep={"head": 8})
+    assert "roles" not in ctx.record["insert_quantizers"]
+    assert gm.get_submodule("head").weight_quantizer.bits == 8
+
+
+class _OwnForward(torch.nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_a_linear_subclass_is_traced_into_and_its_weight_quantized():
+    model = torch.nn.Sequential(_OwnForward(4, 4), torch.nn.Linear(4, 2))
+    gm = get_pass("canonicalize")()(capture(model, torch.randn(2, 4))).graph_module
+    gm, _ = run(gm)
+    assert isinstance(gm.get_submodule("0"), QuantLinear)  # F.linear of its forward, lifted; the `* 2` stays
+
+
+class _OwnForwardLeaf(_OwnForward):
+    pass
+
+
+def test_a_linear_with_its_own_forward_kept_whole_is_not_wrapped_and_is_reported(capsys):
+    from vitqc.capture import register_leaf_module
+
+    register_leaf_module(_OwnForwardLeaf)
+    model = torch.nn.Sequential(_OwnForwardLeaf(4, 4), torch.nn.Linear(4, 2))
+    gm = get_pass("canonicalize")()(capture(model, torch.randn(2, 4))).graph_module
+    ctx = CompileContext()
+    gm = get_pass("insert_quantizers")()(gm, ctx).graph_module
+    assert isinstance(gm.get_submodule("1"), QuantLinear) and type(gm.get_submodule("0")) is _OwnForwardLeaf
+    assert "0 (not recognised: _OwnForwardLeaf call (a Linear with its own forward, kept whole))" in capsys.readouterr().err
+    with pytest.raises(VitqcError, match="--strict"):
+        get_pass("insert_quantizers")()(get_pass("canonicalize")()(capture(model, torch.randn(2, 4))).graph_module,
+                                        CompileContext(strict=True))

@@ -59,6 +59,7 @@ from vitqc.backends import packing, register_backend
 from vitqc.backends.program import ASSERTS, ActBuffers, ActQuant, Region, Unsupported, act_quant, finish, \
     integer_layers, is_tensor_node, modules_by_type, quantized_program, stack_paths
 from vitqc.errors import VitqcError
+from vitqc.graph import get_attr_value
 from vitqc.quant.intops import integer_linear, patches
 
 __all__ = ["ActQuant", "PackedLinear", "PackedPatchConv", "PackedProgram", "lower_packed",
@@ -357,7 +358,7 @@ def fold_unpack(gm: fx.GraphModule) -> fx.GraphModule:
     const: dict[fx.Node, Any] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            const[node] = _fetch_attr(gm, str(node.target))
+            const[node] = get_attr_value(gm, str(node.target))
         elif node.op == "call_function" and node.target not in ASSERTS and stack_paths(node) & packed_paths \
                 and node.all_input_nodes and all(m in const for m in node.all_input_nodes) and is_tensor_node(node):
             args = fx.node.map_arg(node.args, lambda m: const[m])
@@ -381,13 +382,6 @@ def fold_unpack(gm: fx.GraphModule) -> fx.GraphModule:
     gm.recompile()
     gm.meta["vitqc_folded"] = folded
     return gm
-
-
-def _fetch_attr(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 # ----------------------------------------------------------------------------------------------- save / load

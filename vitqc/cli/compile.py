@@ -21,7 +21,7 @@ CALIB_HELP = ("images:DIR (a vitqc generate cache too), or a data-free source: i
 
 
 def compile_command(
-    model: Annotated[str, typer.Argument(help="demo | timm:NAME | model.pt | program.pt2 | file.py:factory")],
+    model: Annotated[str, typer.Argument(help="demo | timm:NAME | hf:DIR_OR_ID | model.pt | program.pt2 | file.py:factory")],
     pipeline: Annotated[str, typer.Option("--pipeline", "-p", help="built-in name (vitqc pipelines) or TOML path")],
     calib: Annotated[Optional[str], typer.Option("--calib", help=CALIB_HELP)] = None,
     calib_size: Annotated[Optional[int], typer.Option("--calib-size", help="number of calibration images (default: all, or 256 generated)")] = None,
@@ -38,6 +38,7 @@ def compile_command(
     resume: Annotated[bool, typer.Option("--resume", help="continue from the checkpoints in --work-dir")] = False,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, or auto (cuda when available)")] = "auto",
     report: Annotated[Optional[Path], typer.Option("--report", help="also write the HTML report (plots) to DIR")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="a weight or attention matmul vitqc does not recognise is an error, not a warning")] = False,
     model_kwargs: ModelKwargs = None, checkpoint: Checkpoint = None, pretrained: Pretrained = False,
     img_size: ImgSize = None, mean: Mean = None, std: Std = None, interpolation: Interp = "bicubic",
     crop_pct: CropPct = 1.0, channels: Channels = 3,
@@ -49,7 +50,7 @@ def compile_command(
         model, pipeline, calib, preprocess=preprocess_from_flags(img_size, mean, std, interpolation, crop_pct, channels),
         calib_size=calib_size, holdout=holdout, eval_data=eval_data, eval_limit=eval_limit, out=target, seed=seed,
         set=set_, device=device, work_dir=work, resume=resume, dump_graphs=dump_graphs, class_names=class_names,
-        diffusion=diffusion, measure=True, **model_options(model_kwargs, checkpoint, pretrained))
+        diffusion=diffusion, measure=True, strict=strict, **model_options(model_kwargs, checkpoint, pretrained))
     shutil.rmtree(work, ignore_errors=True)  # checkpoints are only for resuming an unfinished compile
     m = result.measurement
     out.print(render.layer_table(result.layers.to_list(), m["sqnr_db"], f"per-layer SQNR on {m['data']}"))

@@ -62,6 +62,7 @@ class CompileContext:
     work_dir: str | None = None  # where long passes keep checkpoints
     resume: bool = False  # continue from the checkpoints in work_dir instead of starting over
     quiet: bool = False
+    strict: bool = False  # a weight or attention matmul that is not recognised is an error, not a warning
 
     def __post_init__(self) -> None:
         if isinstance(self.calib, (list, tuple)):

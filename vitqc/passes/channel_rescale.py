@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from vitqc.graph import reads_shape_only, replace_submodule
 from vitqc.passes.base import CompileContext, PassResult, VitqcPass, applied, graph_property, register_pass
-from vitqc.passes.insert_quantizers import bypassed, quantizers, replace_submodule
+from vitqc.passes.insert_quantizers import bypassed, quantizers
 from vitqc.quant.modules import ChannelFactors, QuantLinear, RescaledLayerNorm
 
 # ops that move tokens but never mix or reorder the last (channel) dimension
@@ -145,7 +146,7 @@ def _linear_consumers(gm: fx.GraphModule, start: fx.Node) -> list[str]:
             if user in seen:
                 continue
             seen.add(user)
-            if _reads_shape_only(user):
+            if reads_shape_only(user):
                 continue
             if user.op == "call_module" and isinstance(gm.get_submodule(user.target), QuantLinear):
                 if user.args[0] is not node:
@@ -157,12 +158,6 @@ def _linear_consumers(gm: fx.GraphModule, start: fx.Node) -> list[str]:
             else:
                 return []
     return sorted(set(found))
-
-
-def _reads_shape_only(node: fx.Node) -> bool:
-    """``x.shape`` / ``x.size()`` / ``x.dim()``: uses that do not see the values."""
-    return (node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)) or \
-        (node.op == "call_method" and node.target in ("size", "dim"))
 
 
 def _apply(gm: fx.GraphModule, fold: _Fold, factors: torch.Tensor):

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from vitqc.capture import NodeEmitter, finish_graph, static_tensor_meta
+from vitqc.graph import NodeEmitter, finish_graph, static_tensor_meta
 from vitqc.errors import VitqcError
 from vitqc.passes.base import CompileContext, NoOptions, PassResult, VitqcPass, register_pass
 
@@ -137,6 +137,9 @@ class _Decomposer:
             if meta is not None and len(meta.shape) != 3:
                 raise VitqcError(f"decompose_mha: node {node.name} has {len(meta.shape)}-D {name}; only batched "
                                  f"(3-D) inputs are supported")
+        for user in list(node.users):  # `out, _ = mha(...)`: an unused getitem is no use of the weights
+            if user.op == "call_function" and user.target is operator.getitem and not user.users:
+                self.gm.graph.erase_node(user)
         users = list(node.users)
         for user in users:
             if not (user.op == "call_function" and user.target is operator.getitem and user.args[1] in (0, 1)):

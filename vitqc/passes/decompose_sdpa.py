@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from vitqc.capture import NodeEmitter, finish_graph, static_dtype, static_tensor_meta
+from vitqc.graph import NodeEmitter, finish_graph, static_dtype, static_tensor_meta
 from vitqc.errors import VitqcError
 from vitqc.passes.base import CompileContext, NoOptions, PassResult, VitqcPass, register_pass
 from vitqc.passes.properties import SDPA_TARGETS

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 from torch import fx
 
-from vitqc.capture import owner_of
-
+from vitqc.graph import is_quantizer_node, owner_of, replace_submodule, unique_path
 from vitqc.passes.base import CompileContext, NoOptions, PassResult, VitqcPass, graph_property, register_pass
-from vitqc.passes.insert_quantizers import is_quantizer_node, unique_path, is_activation_matmul, quantizers, \
-    replace_submodule
+from vitqc.passes.insert_quantizers import is_activation_matmul, quantizers
 from vitqc.quant.modules import QUANT_LAYERS, IntConv2d, IntLinear, IntMatmul, freeze_quantizer
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from vitqc.capture import finish_graph
+from vitqc.graph import finish_graph
 from vitqc.passes.base import CompileContext, NoOptions, PassResult, VitqcPass, register_pass
 from vitqc.passes.properties import DROPOUT_FUNCTIONS
 
