@@ -35,6 +35,7 @@ MEASURES = {
     "accuracy_minmax": "top-1: min-max vs torchao PT2E/XNNPACK baselines",
     "backend_latency": "packed backend: latency vs fp32, size, agreement",
     "calib_sources": "top-1 by calibration source (real vs data-free)",
+    "coverage": "what runs quantized in each ViT architecture",
     "executorch_pte": "ExecuTorch .pte vs fp32 .pte: latency, size, agreement",
     "host_overhead_ab": "joint-step host overhead, this tree vs a base revision",
     "joint_ops": "aten kernels and views per joint step, plain vs fused",
@@ -180,7 +181,7 @@ def commands_in(message: str, script: str) -> list[str]:
 # -- one results file ---------------------------------------------------------------------------------------------
 
 def stem_output(stem: str, script: str, dest: str) -> str:
-    """The value of an output-name option (--tag, --result, --name) that writes results/STEM.json."""
+    """The value of an output-name option (--tag, --result, --name, --out) that writes results/STEM.json."""
     if dest == "tag":
         return stem[len(script) + 1:] if stem.startswith(script + "-") else ""
     return stem
@@ -191,7 +192,7 @@ def render(script: Script, values: dict, stem: str) -> tuple[str, list[str], lis
     script today, what was taken from the file name)."""
     values = dict(values)
     from_name = []
-    for dest in ("tag", "result", "name"):
+    for dest in ("tag", "result", "name", "out"):
         if dest in script.options and not values.get(dest):
             wanted = stem_output(stem, script.stem, dest)
             if wanted and wanted != script.options[dest].default:
@@ -217,7 +218,9 @@ def render(script: Script, values: dict, stem: str) -> tuple[str, list[str], lis
 
 
 def dicts(value) -> list[dict]:
-    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+    """The records of a list of them, or of a dict of them by name."""
+    values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [v for v in values if isinstance(v, dict)]
 
 
 # Scripts whose results files keep a run's options outside an "args" record: the option values (by dest) of each
@@ -257,6 +260,13 @@ def joint_throughput_options(rec: dict, stem: str):
     return runs, [], []
 
 
+def coverage_options(rec: dict, stem: str):
+    rows = rec.get("rows")
+    values = {"archs": ",".join(rows) if isinstance(rows, dict) else None,
+              "calib": rec.get("calib_images"), "heldout": rec.get("heldout_images")}
+    return [values], ["--threads"], []
+
+
 def executorch_pte_options(rec: dict, stem: str):
     timed = dicts(rec.get("timed"))
     if not timed:
@@ -264,9 +274,9 @@ def executorch_pte_options(rec: dict, stem: str):
     return [{"time": [t.get("pte") for t in timed], "runs": rec.get("runs")}], [], ["the .pte files were temporary"]
 
 
-SETTINGS = {"calib_sources": calib_sources_options, "host_overhead_ab": host_overhead_options,
-            "prompt_throughput": prompt_throughput_options, "joint_throughput": joint_throughput_options,
-            "executorch_pte": executorch_pte_options}
+SETTINGS = {"calib_sources": calib_sources_options, "coverage": coverage_options,
+            "host_overhead_ab": host_overhead_options, "prompt_throughput": prompt_throughput_options,
+            "joint_throughput": joint_throughput_options, "executorch_pte": executorch_pte_options}
 
 
 def command(rec: dict, script: Script | None, stem: str, history) -> tuple[list[str], str]:
@@ -365,6 +375,8 @@ def details(rec: dict) -> str:
             values = [v for v in values if v != "cpu"]
         if values:
             found.append(f"{label} {listing(values)}")
+    if isinstance(rec.get("rows"), dict):
+        found.append(f"rows {listing(list(rec['rows']))}")
     if dicts(rec.get("timed")):
         found.append(f"{len(rec['timed'])} .pte files re-timed")
     return "; ".join(found)
