@@ -3,8 +3,9 @@ dynamic per-token activations (every zero-point correction of the integer GEMM).
 import torch
 
 import vitqc
-from tests.conftest import int_layer_io, tiny_vit
-from vitqc.artifact import export_program, load_artifact, save_artifact
+from tests.conftest import TINY_PREPROCESS, int_layer_io, tiny_vit
+from vitqc.artifact import load_artifact
+from vitqc.data import Preprocess
 from vitqc.backends.packed import lower_packed
 
 TERNARY_A8 = "canonicalize,insert_quantizers{weight_bits=1.58,act_bits=8},calibrate,materialize"
@@ -25,11 +26,9 @@ def _rel(got, ref):
 
 
 def _artifact(tmp_path, pipeline):
-    gm = vitqc.compile(tiny_vit(), pipeline, calib_batches(), quiet=True).quantized
-    layers = gm.meta["vitqc"]["record"]["insert_quantizers"]["layers"]
-    path = save_artifact(tmp_path / "m.vitqc", export_program(gm, calib_batches()[0][:1]), None,
-                         {"layers": layers, "input_shape": [3, 16, 16]})
-    return gm, path
+    result = vitqc.compile(tiny_vit(), pipeline, calib_batches(), preprocess=Preprocess(**TINY_PREPROCESS),
+                           out=tmp_path / "m.vitqc", quiet=True)
+    return result.quantized, result.path
 
 
 def test_ternary_from_an_artifact_in_both_packings(tmp_path):

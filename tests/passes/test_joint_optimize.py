@@ -26,7 +26,7 @@ def agreement(model, reference, batches):
 
 
 def test_joint_w4a4_beats_minmax_w4a4_agreement_with_fp():
-    calib = demo_calibration(size=256, seed=0)
+    calib = demo_calibration(size=256, seed=0)[0]
     fp = load_demo_model()
     test = list(demo_eval_batches())
     minmax = vitqc.compile(load_demo_model(), "minmax-w4a4", calib, quiet=True).quantized
