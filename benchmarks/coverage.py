@@ -65,7 +65,7 @@ def measure(arch, calib_images: int, heldout_images: int, workdir: Path) -> dict
     gm = vitqc.compile(graph, "minmax-w8a8", calib, quiet=True, strict=True).quantized
     seconds = time.perf_counter() - start
     record = gm.meta["vitqc"]["record"]
-    layers = [layer["path"] for layer in record["insert_quantizers"]["layers"]
+    layers = [layer["path"] for layer in gm.meta["vitqc"]["layers"]
               if layer["kind"] in ("QuantLinear", "QuantConv2d")]
     # measured as `vitqc compile` measures: on the torch.export programs the artifact holds
     q_program = export_program(gm, calib[0][:1]).module()

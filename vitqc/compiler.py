@@ -95,7 +95,8 @@ def run_pipeline(graph: fx.GraphModule, pipeline: str | Pipeline, calib: torch.T
     gm = manager(graph, ctx).graph_module
     report_coverage(gm, ctx.record, quiet=quiet)
     stats = [vars(s) for s in manager.stats]
-    gm.meta["vitqc"] = {**gm.meta.get("vitqc", {}), "pipeline": pipe.to_dict(), "record": ctx.record, "passes": stats}
+    gm.meta["vitqc"] = {**gm.meta.get("vitqc", {}), "pipeline": pipe.to_dict(), "record": ctx.record, "passes": stats,
+                        "layers": ctx.layers.to_list()}
     return gm, ctx, stats
 
 
@@ -330,10 +331,8 @@ def compile(model: nn.Module | str | Any, pipeline: str | Pipeline, calib: Any =
     quantized, ctx, stats = run_pipeline(
         graph, pipe, None if calibration is None else calibration.images, reference=reference, seed=seed,
         dump_graphs=dump_graphs, quiet=quiet, work_dir=work_dir, resume=resume, device=device, strict=strict)
-    layers = ctx.layers if len(ctx.layers) else LayerTable.from_list(
-        ctx.record.get("insert_quantizers", {}).get("layers", []))
     result = CompileResult(
-        quantized=quantized.cpu(), reference=reference.cpu(), pipeline=pipe, layers=layers, record=ctx.record,
+        quantized=quantized.cpu(), reference=reference.cpu(), pipeline=pipe, layers=ctx.layers, record=ctx.record,
         passes=stats, example=example.cpu(), model=loaded.source, preprocess=preprocess,
         calibration={} if calibration is None else calibration.record, seed=seed,
         overrides=list(set) + _override_strings(overrides),

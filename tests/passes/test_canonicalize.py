@@ -91,7 +91,7 @@ def test_multihead_attention_projections_are_in_the_sqnr_table() -> None:
     graph = capture(model, x[:1])
     reference = reference_copy(graph)
     gm = vitqc.compile(graph, "minmax-w8a8", [x], quiet=True).quantized
-    layers = [layer["path"] for layer in gm.meta["vitqc"]["record"]["insert_quantizers"]["layers"]
+    layers = [layer["path"] for layer in gm.meta["vitqc"]["layers"]
               if layer["kind"] == "QuantLinear"]
     result = compare(export_program(reference, x[:1]).module(), export_program(gm, x[:1]).module(), [x], layers,
                      quiet=True)

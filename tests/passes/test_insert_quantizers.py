@@ -41,7 +41,7 @@ def test_rules_by_op_kind_on_a_vit():
     assert len(softmax_q) == 2
     # the softmax quantizer feeds attn @ v directly: it is not quantized twice
     assert all(any(u.target in (operator.matmul, torch.matmul) for u in n.users) for n in softmax_q)
-    kinds = [layer["kind"] for layer in ctx.record["insert_quantizers"]["layers"]]
+    kinds = [layer["kind"] for layer in ctx.layers.to_list()]
     assert kinds.count("QuantLinear") == 9 and kinds.count("softmax") == 2 and kinds.count("matmul") == 4
 
 

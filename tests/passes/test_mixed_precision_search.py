@@ -46,7 +46,7 @@ def test_assignment_meets_the_budget_and_is_at_least_as_fit_as_uniform(calib):
 def test_layer_table_and_quantizers_carry_the_chosen_widths(calib):
     gm, record = searched(calib, weight_choices=[3, 4, 8], act_choices=[4, 8], act_bits=6.0)
     chosen = {row["path"]: row for row in record["mixed_precision_search"]["layers"]}
-    table = {row["path"]: row for row in record["insert_quantizers"]["layers"]}
+    table = {row["path"]: row for row in gm.meta["vitqc"]["layers"]}
     for path, row in chosen.items():
         if "weight_bits" in row:
             module = gm.get_submodule(path)

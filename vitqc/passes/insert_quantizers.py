@@ -32,6 +32,7 @@ from torch import fx, nn
 
 from vitqc.coverage import RULES_KEY, check as check_coverage
 from vitqc.errors import VitqcError
+from vitqc.layers import Layer, LayerTable
 from vitqc.graph import insert_after, insert_before_use, is_quantizer_node, owner_of, reads_shape_only, replace_submodule
 from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_property, register_pass
 from vitqc.passes.properties import MATMUL_FUNCTIONS, SOFTMAX_FUNCTIONS
@@ -196,7 +197,7 @@ class InsertQuantizers(VitqcPass):
 
     def call(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         o = self.options
-        layers: list[dict] = []
+        layers: list[Layer] = []
         left_float: list[dict] = []  # what the rules leave in floating point, and which rule
         roles = self._resolve_roles(gm)
         modified = False
@@ -223,7 +224,7 @@ class InsertQuantizers(VitqcPass):
                                       ch_axis=0)
                 iq = None if act_bits is None else self._act_quantizer(act_bits, granularity)
                 replace_submodule(gm, path, wrapped_cls(mod, wq, iq))
-                layers.append({"path": path, "kind": wrapped_cls.__name__, "weight_bits": bits, "act_bits": act_bits})
+                layers.append(Layer(path, wrapped_cls.__name__, bits, act_bits, mod.weight.numel()))
                 modified = True
         for node in list(gm.graph.nodes):
             if is_softmax(node) and o.softmax:
@@ -235,7 +236,7 @@ class InsertQuantizers(VitqcPass):
                 q = self._act_quantizer(bits, granularity="tensor" if o.act_granularity == "tensor" else "token",
                                         symmetric=False)
                 insert_after(gm, node, q, f"{owner + '.' if owner else ''}{node.name}_quantizer")
-                layers.append({"path": f"{owner}.{node.name}".strip("."), "kind": "softmax", "act_bits": bits})
+                layers.append(Layer(f"{owner}.{node.name}".strip("."), "softmax", act_bits=bits))
                 modified = True
         for node in list(gm.graph.nodes):
             if is_activation_matmul(node):
@@ -252,12 +253,13 @@ class InsertQuantizers(VitqcPass):
                         continue
                     q = self._act_quantizer(bits)
                     insert_before_use(gm, node, arg, q, f"{owner + '.' if owner else ''}{node.name}_{side}_quantizer")
-                layers.append({"path": where, "kind": "matmul", "act_bits": bits})
+                layers.append(Layer(where, "matmul", act_bits=bits))
                 modified = True
         if modified:
             gm.graph.lint()
             gm.recompile()
-        ctx.record[self.name] = {"layers": layers, "quantizers": len(quantizers(gm)), RULES_KEY: left_float}
+        ctx.layers = LayerTable(layers)  # the table the artifact stores (later passes may change widths in it)
+        ctx.record[self.name] = {"layers": len(layers), "quantizers": len(quantizers(gm)), RULES_KEY: left_float}
         if roles:
             ctx.record[self.name]["roles"] = roles
         check_coverage(gm, ctx.record, strict=ctx.strict, quiet=ctx.quiet)

@@ -272,15 +272,15 @@ class MixedPrecisionSearch(VitqcPass):
 
 
 def _update_layer_table(ctx: CompileContext, genes: list[Gene], genome) -> None:
-    """Write the chosen widths into insert_quantizers' layer table (the one the artifact stores)."""
+    """Write the chosen widths into the layer table (the one the artifact stores)."""
     by_unit: dict[tuple[str, str], float] = {(g.unit, g.kind): g.choices[i] for g, i in zip(genes, genome)}
-    for layer in ctx.record.get("insert_quantizers", {}).get("layers", []):
-        if layer["kind"] in ("matmul", "softmax"):
-            bits = by_unit.get((owner_path(layer["path"]), "act"))
+    for layer in ctx.layers:
+        if not layer.has_weight:
+            bits = by_unit.get((owner_path(layer.path), "act"))
             if bits is not None:
-                layer["act_bits"] = bits
+                layer.act_bits = bits
             continue
         for kind in ("weight", "act"):
-            bits = by_unit.get((layer["path"], kind))
+            bits = by_unit.get((layer.path, kind))
             if bits is not None:
-                layer[f"{kind}_bits"] = bits
+                setattr(layer, f"{kind}_bits", bits)
