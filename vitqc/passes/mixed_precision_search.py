@@ -20,15 +20,9 @@ so a candidate costs one forward pass and no data statistics. Candidates are not
 with ``finalists = K`` the K fittest candidates and uniform are each run through a short ``joint_optimize``
 (``finalist_iterations``, same seed and data for all) and the best after it wins (CLAMP-ViT fine-tunes every
 candidate briefly; here only the finalists, since a ViT-S candidate costs seconds and a fine-tune minutes).
-Why it exists, and why it is off by default: on vits14_cifar10 the searched assignment scored 4.76 against
-uniform's 5.81 (5.12 vs 5.68 on 256 held-out images) yet ended 0.7 pp below uniform after 300 joint
-iterations (70.07 vs 70.74 % top-1); with 4 finalists the winner also led after 50 joint iterations (4.27 vs
-4.44) and ended 1.9 pp below uniform (68.86 %). Neither score, dominated by the patch-contrastive term,
-predicts accuracy after the full joint optimization: that is the open problem of this pass. With the current
-joint defaults (lr_refine 1e-2) the searched assignment ends above uniform at both seeds measured, by a small
-margin: 74.79 vs 74.65 % (seed 0) and 75.15 vs 74.14 % (seed 1). A fitness of KL alone (``contrastive_weight =
-0``), which halved uniform's KL before joint optimization (0.78 vs 1.64), ended 1.1 pp below uniform (73.56 %,
-seed 0); benchmarks/results/mixed_precision_vits14_cifar10_v5.json.
+Neither the fitness before joint optimization nor the finalists' score after a short one predicts accuracy
+after the full joint optimization well: that is the open problem of this pass (measured: docs/findings.md,
+"Mixed precision"; benchmarks/results/mixed_precision_vits14_cifar10_v*.json).
 
 Evolution: population ``population``, ``generations`` rounds, elitism, tournament selection, uniform
 crossover, mutation of ``mutated_genes`` genes per child on average (a fixed probability per gene would
@@ -38,9 +32,8 @@ the sensitivity seeds (below), then half mutants of uniform and half random assi
 
 Sensitivity seeds (``sensitivity = true``): random assignments of ~100 genes are almost all worse than uniform,
 so a few hundred candidates barely leave it. Instead each gene is moved alone one width down and one up from
-uniform and the change of fitness measured (two candidates per gene). The changes do not add up (on
-vit_tiny_cifar10 a knapsack over them predicted fitness 0.23 where the assignment measured 0.96, uniform
-0.70), so they only order a hill climb: raise the gene whose raise helped most, pay for it by lowering the
+uniform and the change of fitness measured (two candidates per gene). The changes do not add up
+(docs/findings.md), so they only order a hill climb: raise the gene whose raise helped most, pay for it by lowering the
 genes whose lowering hurt least, keep the move if the measured fitness improves; one candidate per
 helpful gene. The climb's accepted assignments start the evolution. Seeded; each generation is checkpointed to the work
 directory and ``--resume`` continues from the last finished one with the same result.

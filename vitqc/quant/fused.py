@@ -6,12 +6,8 @@ element-wise kernels per quantizer and keep their temporaries for backward. The 
 same values with a few in-place passes, keep the input, the output (which the consuming linear or matmul keeps
 for its own backward anyway) and a one-byte in-range mask, and need four passes in backward.
 
-Measured (benchmarks/joint_throughput.py, 2-core AMD EPYC, W4A4 per token, batch 8): one quantizer's forward +
-backward is 2-3x faster on ViT-S activation shapes, and the student keeps 31-33 % less for backward (0.94 ->
-0.65 GiB at 112 px, 2.12 -> 1.43 GiB at 224 px), but the whole joint step is no faster on that CPU (0.95x at
-112 px; 0.92x and 1.04x in two runs at 224 px: within its run-to-run noise): the GEMMs and the rest of the
-step dominate there. On an H200 at batch 32 (bf16 autocast) the whole step is 1.23x faster at 224 px (4.40 ->
-5.42 it/s, 7.03 -> 4.69 GiB kept for backward) and 1.04x at 112 px, where launch overhead dominates.
+It saves memory kept for backward and per-quantizer time; whether the whole step gets faster depends on what
+dominates it (measured: docs/findings.md, "Fused fake-quant"; benchmarks/results/joint_throughput-*.json).
 Under autocast the codes are computed in float32 (see ``_f32``), which the plain path does not do.
 
 The gradients:

@@ -6,10 +6,9 @@ then one float rescale. The packed backend calls these same functions on unpacke
 model is bit-identical to the artifact's program, not merely close to it.
 
 Why not the fake-quant form (dequantize, then an fp32 GEMM)? Its accumulation rounds, and a quantized
-network turns rounding differences into different activation codes downstream: on vits14_cifar10 at W8A8 the
-fake-quant model evaluated in float64 disagrees with itself in float32 on 2-6 % of CIFAR-10 argmaxes
-(benchmarks/backend_latency.py --agreement). Any kernel whose accumulation differs would inherit that
-disagreement; integer accumulation is exact, so every implementation of it agrees.
+network turns rounding differences into different activation codes downstream (how many argmaxes move:
+docs/findings.md, "Integer arithmetic"; benchmarks/backend_latency.py --agreement). Any kernel whose accumulation
+differs would inherit that disagreement; integer accumulation is exact, so every implementation of it agrees.
 
 Exactness: ``int8_matmul`` accumulates in int32 (``torch._int_mm`` on CPU and CUDA) or in float64 elsewhere (exact for
 any K below 2^37 / 128^2), then converts to float32 once. The attention matmuls multiply integer codes in
