@@ -103,8 +103,14 @@ def joint_step_pipeline(bits: str, granularity: str, batch: int, iterations: int
 
 
 def write_result(name: str, payload: dict, tag: str = "") -> Path:
-    """results/NAME[-TAG].json, written atomically (NAME may be given with its .json)."""
+    """results/NAME[-TAG].json, written atomically (NAME may be given with its .json). The command that ran
+    (``argv``) and the machine are recorded with it unless the payload says them (benchmarks/index.py reads them)."""
+    import shlex
+    import sys
+
     name = name.removesuffix(".json")
+    payload = {"argv": "python " + shlex.join(["benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]]),
+               "machine": machine(), **payload}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / (f"{name}-{tag}.json" if tag else f"{name}.json")
     tmp = path.with_suffix(".json.tmp")
