@@ -45,3 +45,14 @@ def level_of(x: torch.Tensor) -> int:
 
 LEVEL_TO_CLASS = {grey_level(c, i): c for c in range(3) for i in range(12)}
 
+
+def random_image_folder(root: Path, classes: int = 2, per_class: int = 12, size: int = 16) -> Path:
+    """root/c<k>/<i>.png: seeded random RGB images, ``per_class`` in each of ``classes`` class folders."""
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(g.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    return root

@@ -2,13 +2,12 @@
 writing what the command line writes."""
 import zipfile
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import vitqc
 from tests.conftest import TINY_PREPROCESS, run_cli, tiny_vit
+from tests.image_trees import random_image_folder
 from vitqc.data import Preprocess
 
 FACTORY = '''
@@ -25,11 +24,7 @@ def build():
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("cal")
-    g = np.random.default_rng(0)
-    for c in range(3):
-        (root / "images" / f"c{c}").mkdir(parents=True)
-        for i in range(10):
-            Image.fromarray(g.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "images" / f"c{c}" / f"{i}.png")
+    random_image_folder(root / "images", classes=3, per_class=10)
     (root / "models.py").write_text(FACTORY)
     return root
 

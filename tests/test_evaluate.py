@@ -1,10 +1,9 @@
 """vitqc.evaluate: comparison of a quantized program with its FP one, top-1, and evaluate() on any target."""
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tests.conftest import tiny_vit
+from tests.image_trees import random_image_folder
 from vitqc.evaluate import compare, evaluate, top1
 
 
@@ -18,11 +17,7 @@ class Broken(torch.nn.Module):
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    g = np.random.default_rng(0)
-    for c in range(2):
-        (root / f"c{c}").mkdir()
-        for i in range(6):
-            Image.fromarray(g.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    random_image_folder(root, classes=2, per_class=6)
     return root
 
 

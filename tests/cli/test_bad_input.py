@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import run_cli, tiny_vit
+from tests.image_trees import random_image_folder
 
 CFG = dict(input_size=(3, 16, 16), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bicubic",
            crop_pct=1.0)
@@ -43,15 +44,6 @@ def boom():
 def three():
     return 3
 '''
-
-
-def _images(root: Path, classes: int = 2, per_class: int = 12) -> Path:
-    g = np.random.default_rng(0)
-    for c in range(classes):
-        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray(g.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.png")
-    return root
 
 
 def _rewrite(src: Path, dst: Path, **members) -> Path:
@@ -89,8 +81,8 @@ MARKER = "hostile-code-ran"
 def world(tmp_path_factory, tiny_artifact):
     """Inputs of every kind, good and bad, in one folder."""
     w = tmp_path_factory.mktemp("world")
-    _images(w / "calib")
-    _images(w / "evaldir", per_class=4)
+    random_image_folder(w / "calib")
+    random_image_folder(w / "evaldir", per_class=4)
     (w / "flat").mkdir()
     for i in range(3):
         Image.new("RGB", (16, 16), (i, i, i)).save(w / "flat" / f"{i}.png")
