@@ -59,12 +59,14 @@ def compile(model: nn.Module, pipeline: str | Pipeline, calib: torch.Tensor | Se
             *, seed: int = 0, example: torch.Tensor | None = None, reference: nn.Module | None = None,
             dump_graphs: str | None = None, quiet: bool = False, set: Sequence[str] = (),
             work_dir: str | None = None, resume: bool = False, device: str | torch.device = "cpu",
-            **overrides: Any) -> fx.GraphModule:
+            calib_source: Any = None, **overrides: Any) -> fx.GraphModule:
     """Quantize ``model`` with ``pipeline`` (a built-in name, a TOML path, a one-line text or a Pipeline).
 
     ``calib`` holds preprocessed calibration images (a tensor or a list of batches). Pass options are
     overridden by keyword (``calibrate__method="mse"``) or by ``set=["calibrate.method=mse"]``. Long passes
-    checkpoint into ``work_dir`` and, with ``resume``, continue from there. Returns the
+    checkpoint into ``work_dir`` and, with ``resume``, continue from there. ``calib_source`` is the data-free
+    :class:`vitqc.calib.Source` that made ``calib``, if one did (joint_optimize's data-free rounds ask it for
+    more images). Returns the
     quantized ``GraphModule``; ``gm.meta["vitqc"]`` holds the resolved pipeline, what each pass recorded and
     the per-pass statistics.
     """
@@ -89,7 +91,7 @@ def compile(model: nn.Module, pipeline: str | Pipeline, calib: torch.Tensor | Se
         reference = copy.deepcopy(gm)
     reference = reference.to(device)
     ctx = CompileContext(calib=batches, reference=reference, seed=seed, quiet=quiet, work_dir=work_dir,
-                         resume=resume, device=torch.device(device))
+                         resume=resume, device=torch.device(device), calib_source=calib_source)
     manager = PassManager(passes, dump_dir=dump_graphs)
     gm = manager(gm, ctx).graph_module
     gm.meta["vitqc"] = {"pipeline": pipe.to_dict(), "record": ctx.record,

@@ -67,10 +67,10 @@ def make_cli_source(kind: str, value: str | None, module: nn.Module, preprocess,
 def synthesize(kind: str, value: str | None, module: nn.Module, preprocess, size: int | None, seed: int, *,
                class_names: str | Path | None = None, diffusion: str | None = None, default_size: int = 256,
                batch_size: int = 32):
-    """(normalised calibration batches, JSON record) for ``vitqc compile --calib KIND`` (``default_size``
-    images when ``size`` is None)."""
+    """(normalised calibration batches, JSON record, the source) for ``vitqc compile --calib KIND``
+    (``default_size`` images when ``size`` is None); the source can make more (data-free rounds)."""
     from vitqc.calib import calibration_batches
 
     source = make_cli_source(kind, value, module, preprocess, class_names=class_names, diffusion=diffusion, seed=seed)
-    return calibration_batches(source, module, preprocess, source.class_names,
-                               default_size if size is None else size, batch_size=batch_size)
+    return (*calibration_batches(source, module, preprocess, source.class_names,
+                                 default_size if size is None else size, batch_size=batch_size), source)

@@ -81,8 +81,9 @@ def _model_and_preprocess(model: str, model_kwargs: str | None, checkpoint: Path
 
 def _calibration(spec: str, preprocess, size: int | None, seed: int, module=None,
                  class_names: Path | None = None, diffusion: str | None = None):
-    """Calibration batches and their record: images:DIR (a vitqc generate cache too), demo, or a generated
-    source (noise, inversion, prompts, learned-prompts: 256 images unless --calib-size) made with ``module``."""
+    """Calibration batches, their record and the data-free source that made them (None for images:DIR and
+    demo): a generated source (noise, inversion, prompts, learned-prompts: 256 images unless --calib-size)
+    is made with ``module``."""
     from vitqc.data import load_calibration, parse_calib_spec
 
     kind, value = parse_calib_spec(spec)
@@ -90,11 +91,11 @@ def _calibration(spec: str, preprocess, size: int | None, seed: int, module=None
         from vitqc.calib.cache import describe_cache
 
         info = {"source": "images", "dir": str(value), **(describe_cache(value) or {})}
-        return load_calibration(value, preprocess, size=size, seed=seed), info
+        return load_calibration(value, preprocess, size=size, seed=seed), info, None
     if kind == "demo":
         from vitqc import demo
 
-        return demo.demo_calibration(size=size, seed=seed), {"source": "demo", "split": "train"}
+        return demo.demo_calibration(size=size, seed=seed), {"source": "demo", "split": "train"}, None
     if module is None:
         raise VitqcError(f"calibration source {kind!r} needs the FP model")
     from vitqc.calib.spec import synthesize
@@ -182,7 +183,7 @@ def compile(
             raise VitqcError("--calib is required: give images:DIR with calibration images (no labels needed), "
                              "or generate them without data: --calib inversion")
         calib = "demo"
-    batches, calib_info = _calibration(calib, pre, calib_size, seed, module, class_names, diffusion)
+    batches, calib_info, calib_source = _calibration(calib, pre, calib_size, seed, module, class_names, diffusion)
     example = batches[0][:1]
     graph = capture(module, example)
     reference = copy.deepcopy(graph)  # compile() rewrites the graph it is given in place
@@ -194,7 +195,7 @@ def compile(
         raise VitqcError("--device cuda: no CUDA device is available here; use --device cpu")
     quantized = compiler.compile(graph, pipe, batches, seed=seed, example=example, reference=reference,
                                  dump_graphs=str(dump_graphs) if dump_graphs else None, work_dir=str(work),
-                                 resume=resume, device=run_device)
+                                 resume=resume, device=run_device, calib_source=calib_source)
     quantized, reference = quantized.cpu(), reference.cpu()
     err.print("[bold cyan]export[/] quantized and reference programs (torch.export)")
     q_program, ref_program = export_program(quantized, example), export_program(reference, example)

@@ -53,6 +53,7 @@ class CompileContext:
     work_dir: str | None = None  # where long passes keep checkpoints
     resume: bool = False  # continue from the checkpoints in work_dir instead of starting over
     quiet: bool = False
+    calib_source: Any = None  # the data-free vitqc.calib.Source that made calib, if one did (it can make more)
 
     def calib_batches(self, batch_size: int | None = None) -> list[torch.Tensor]:
         """The calibration images re-batched to ``batch_size`` (all in one batch list if None)."""
