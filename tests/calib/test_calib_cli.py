@@ -32,11 +32,23 @@ def test_compile_calibration_from_a_generated_source():
     from vitqc import demo
     from vitqc.cli.main import _calibration
 
-    batches, info = _calibration("noise", demo.demo_preprocess(), 20, 0, demo.load_demo_model())
+    batches, info, source = _calibration("noise", demo.demo_preprocess(), 20, 0, demo.load_demo_model())
     assert sum(len(b) for b in batches) == 20 and batches[0].shape[1:] == (1, 8, 8)
-    assert info["source"] == "noise" and info["classes"] == 10
-    batches, info = _calibration("inversion:steps=2,batch_size=8", demo.demo_preprocess(), None, 0, demo.load_demo_model())
+    assert info["source"] == "noise" and info["classes"] == 10 and source.name == "noise"
+    batches, info, source = _calibration("inversion:steps=2,batch_size=8", demo.demo_preprocess(), None, 0,
+                                         demo.load_demo_model())
     assert sum(len(b) for b in batches) == 256 and info["options"]["steps"] == 2  # 256 images by default
+    assert source.options.steps == 2  # the source itself goes to the compile (data-free rounds use it)
+
+
+def test_compile_datafree_pipeline_from_inversion(tmp_path, capsys):
+    code, _, err = run(["compile", "demo", "--pipeline", "joint-w4a4-datafree", "--calib", "inversion:steps=2",
+                        "--calib-size", 20, "--set", "joint_optimize.iterations=6", "--set", "joint_optimize.batch_size=4",
+                        "--set", "joint_optimize.datafree_images=10", "--out", tmp_path / "a.vitqc"], capsys)
+    assert code == 0, err
+    assert "data-free round 1/2: inversion generates 10 images against the student" in err
+    rounds = load_artifact(tmp_path / "a.vitqc").manifest["record"]["joint_optimize"]["datafree_rounds"]
+    assert [(r["round"], r["step"], r["images"]) for r in rounds] == [(1, 2, 10), (2, 4, 10)]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -114,7 +114,7 @@ class DatafreeRounds:
         labels, indices = round_items(source, len(pool), self.per_round, round_index)
         if not self.quiet:
             console.print(f"joint_optimize: data-free round {round_index}/{self.rounds}: {source.name} generates "
-                          f"{len(labels)} images against the student", highlight=False)
+                          f"{len(labels)} images against the student", highlight=False, soft_wrap=True)
         was_training = student.training
         started = time.perf_counter()
         try:
