@@ -170,3 +170,17 @@ def test_the_datafree_pipelines_run_rounds():
     for name in ("joint-w4a4-datafree", "joint-w4a8-datafree"):
         options = {s.name: s.options for s in load_pipeline(name).steps}["joint_optimize"]
         assert options["datafree_rounds"] == 2 and options["datafree_images"] == 64
+
+
+def test_learned_prompts_run_the_same_rounds(tiny_sampler, tmp_path):
+    from vitqc.calib.learned_prompts import LearnedPromptSource
+
+    model = tiny_vit(num_classes=3, img_size=12)
+    pre = Preprocess(input_size=(3, 12, 12), mean=(0.5,) * 3, std=(0.5,) * 3)
+    src = LearnedPromptSource(model, pre, ["cat", "dog", "egg"], sampler=tiny_sampler, seed=0, device="cpu",
+                              quiet=True, steps=1, modes=2, refine_steps=2)
+    batches, _ = calibration_batches(src, model, pre, src.class_names, size=6, quiet=True)
+    gm = _compile(src, batches, tmp_path, overrides=ROUNDS[:3] + ["joint_optimize.datafree_images=3"])
+    rounds = gm.meta["vitqc"]["record"]["joint_optimize"]["datafree_rounds"]
+    assert [(r["round"], r["images"]) for r in rounds] == [(1, 3), (2, 3)]
+    assert torch.load(tmp_path / "datafree_round2.pt", weights_only=True).shape == (3, 3, 12, 12)
