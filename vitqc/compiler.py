@@ -77,10 +77,13 @@ def check_finite_weights(module: nn.Module, what: str = "the model") -> None:
 def run_pipeline(graph: fx.GraphModule, pipeline: str | Pipeline, calib: torch.Tensor | Sequence[torch.Tensor] | None,
                  *, reference: nn.Module | None = None, seed: int = 0, dump_graphs: str | Path | None = None,
                  quiet: bool = False, work_dir: str | Path | None = None, resume: bool = False,
-                 device: str | torch.device = "cpu", strict: bool = False) -> tuple[fx.GraphModule, CompileContext, list[dict]]:
+                 device: str | torch.device = "cpu", strict: bool = False,
+                 calib_source: Any = None) -> tuple[fx.GraphModule, CompileContext, list[dict]]:
     """Run ``pipeline`` over a captured ``graph`` (rewritten in place): the graph, the context the passes
     filled (layer table, records, ``record["coverage"]``: :mod:`vitqc.coverage`) and one statistics row per pass.
-    ``strict``: a weight or attention matmul the pipeline cannot recognise is an error instead of a warning."""
+    ``strict``: a weight or attention matmul the pipeline cannot recognise is an error instead of a warning.
+    ``calib_source``: the data-free :class:`vitqc.calib.Source` that made ``calib``, if one did
+    (joint_optimize's data-free rounds ask it for more images)."""
     from vitqc.coverage import report as report_coverage
     from vitqc.passes.canonicalize import reference_copy
 
@@ -89,7 +92,7 @@ def run_pipeline(graph: fx.GraphModule, pipeline: str | Pipeline, calib: torch.T
     reference = (reference_copy(graph) if reference is None else reference).to(device)
     ctx = CompileContext(calib=calib, reference=reference, seed=seed, quiet=quiet,
                          work_dir=None if work_dir is None else str(work_dir), resume=resume,
-                         device=torch.device(device), pipeline=pipe, strict=strict)
+                         device=torch.device(device), pipeline=pipe, strict=strict, calib_source=calib_source)
     ctx.record["capture"] = dict(graph.meta.get("vitqc", {}))  # front end and why (vitqc.capture)
     manager = PassManager(passes, dump_dir=dump_graphs)
     gm = manager(graph, ctx).graph_module
@@ -330,7 +333,8 @@ def compile(model: nn.Module | str | Any, pipeline: str | Pipeline, calib: Any =
         reference = reference_copy(graph)  # the passes rewrite `graph` in place
     quantized, ctx, stats = run_pipeline(
         graph, pipe, None if calibration is None else calibration.images, reference=reference, seed=seed,
-        dump_graphs=dump_graphs, quiet=quiet, work_dir=work_dir, resume=resume, device=device, strict=strict)
+        dump_graphs=dump_graphs, quiet=quiet, work_dir=work_dir, resume=resume, device=device, strict=strict,
+        calib_source=None if calibration is None else calibration.source)
     result = CompileResult(
         quantized=quantized.cpu(), reference=reference.cpu(), pipeline=pipe, layers=ctx.layers, record=ctx.record,
         passes=stats, example=example.cpu(), model=loaded.source, preprocess=preprocess,

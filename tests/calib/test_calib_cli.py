@@ -39,6 +39,17 @@ def test_compile_calibration_from_a_generated_source():
     cal = draw("inversion:steps=2,batch_size=8", model=demo.load_demo_model(), preprocess=demo.demo_preprocess(),
                holdout=0, seed=0)
     assert len(cal.images) == 256 and cal.holdout is None and cal.record["options"]["steps"] == 2  # 256 by default
+    assert cal.source.options.steps == 2  # the source itself goes to the compile (data-free rounds use it)
+
+
+def test_compile_datafree_pipeline_from_inversion(tmp_path, capsys):
+    code, _, err = run(["compile", "demo", "--pipeline", "joint-w4a4-datafree", "--calib", "inversion:steps=2",
+                        "--calib-size", 20, "--set", "joint_optimize.iterations=6", "--set", "joint_optimize.batch_size=4",
+                        "--set", "joint_optimize.datafree_images=10", "--out", tmp_path / "a.vitqc"], capsys)
+    assert code == 0, err
+    assert "data-free round 1/2: inversion generates 10 images against the student" in err
+    rounds = load_artifact(tmp_path / "a.vitqc").manifest["record"]["joint_optimize"]["datafree_rounds"]
+    assert [(r["round"], r["step"], r["images"]) for r in rounds] == [(1, 2, 10), (2, 4, 10)]
 
 
 @pytest.mark.parametrize("args, message", [

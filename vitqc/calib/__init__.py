@@ -113,7 +113,7 @@ class Source:
         batches, info = calibration_batches(source, model, preprocess, source.class_names, size + holdout,
                                             quiet=quiet)
         images = torch.cat(batches)
-        return Calibration(images[:size], images[size:] if holdout else None, info)
+        return Calibration(images[:size], images[size:] if holdout else None, info, source=source)
 
     # helpers for subclasses
     def item_generator(self, label: int, index: int, device: torch.device | None = None) -> torch.Generator:

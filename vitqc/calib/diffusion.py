@@ -18,8 +18,9 @@ import math
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -236,9 +237,27 @@ def load_diffusion(spec: str | None = None, device: str | torch.device | None = 
     return sampler.to(device)
 
 
+@dataclass
+class DisagreementOptions:
+    """Options of the diffusion sources' generation against a quantized student (data-free rounds of
+    joint_optimize, :mod:`vitqc.calib.cyclic`): each new item's prompt embeddings and latent noise are
+    optimized for ``refine_steps`` Adam steps so that the FP model reads the image as the item's class
+    (``refine_w_ce``) while KL(FP || student) grows (``w_disagree``); ``refine_w_prior`` keeps the embeddings
+    near their start (squared change relative to their variance) and the noise at unit variance."""
+
+    refine_steps: int = 10
+    refine_lr: float = 0.05
+    refine_w_ce: float = 1.0
+    w_disagree: float = 1.0
+    refine_w_prior: float = 1.0
+    limits: ClassVar[dict[str, str]] = {"refine_steps": ">= 0", "refine_lr": ">= 0", "refine_w_ce": ">= 0",
+                                        "w_disagree": ">= 0", "refine_w_prior": ">= 0"}
+
+
 class DiffusionSource:
     """Mixin for the text-guided sources: holds the sampler (built once, lazily) and turns (embeddings,
-    item seeds) into model-sized images in generation batches."""
+    item seeds) into model-sized images in generation batches. Subclasses give ``item_embeddings(labels,
+    indices)`` (prompt embeddings [B, L, D] of each item)."""
 
     def _init_sampler(self, sampler: OneStepSampler | None, diffusion: str | None) -> None:
         if sampler is None:
@@ -253,13 +272,54 @@ class DiffusionSource:
                                            resolution=getattr(self.options, "resolution", None))
         return self._sampler
 
-    def render(self, embeds: torch.Tensor, seeds: Sequence[int], grad: bool = False) -> torch.Tensor:
-        """Model-sized images in [0, 1] (on the sampler's device) from embeddings and per-item noise seeds."""
+    def render(self, embeds: torch.Tensor, seeds: Sequence[int] | None = None, grad: bool = False,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Model-sized images in [0, 1] (on the sampler's device) from embeddings and per-item noise seeds (or
+        the unit ``noise`` itself)."""
         _, h, w = self.preprocess.input_size
         with torch.set_grad_enabled(grad):
-            images = self.sampler(embeds, self.sampler.noise(seeds))
+            images = self.sampler(embeds, self.sampler.noise(seeds) if noise is None else noise)
             images = resize_to(images, (h, w), self.preprocess.interpolation)
             return self.to_model_channels(images)
+
+    def item_seeds(self, labels: torch.Tensor, indices: torch.Tensor) -> list[int]:
+        from vitqc.calib import item_seed
+
+        return [item_seed(self.seed, c, i) for c, i in zip(labels.tolist(), indices.tolist())]
+
+    def generate_batch(self, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        embeds = self.item_embeddings(labels, indices)
+        return self.render(embeds.to(self.sampler.device), self.item_seeds(labels, indices)).float().cpu()
+
+    def generate_disagreement(self, labels: torch.Tensor, indices: torch.Tensor, student: torch.nn.Module) -> torch.Tensor:
+        """Images for items (labels, indices) whose prompt embeddings and latent noise were optimized against
+        ``student`` (see :class:`DisagreementOptions`); [0, 1], on the CPU."""
+        from vitqc.calib.features import forward, normalise
+        from vitqc.calib.inversion import frozen, kl_disagreement
+
+        o = self.options
+        out = []
+        with frozen(self.model, self.sampler.device) as model, frozen(student, self.sampler.device):
+            for k in range(0, len(labels), self.batch_size):
+                lab, idx = labels[k:k + self.batch_size], indices[k:k + self.batch_size]
+                start = self.item_embeddings(lab, idx).to(self.sampler.device, torch.float32)
+                noise0 = self.sampler.noise(self.item_seeds(lab, idx)).to(self.sampler.device)
+                embeds, noise = start.clone().requires_grad_(True), noise0.clone().requires_grad_(True)
+                spread = start.var().clamp_min(1e-8)
+                targets = lab.to(self.sampler.device)
+                opt = torch.optim.Adam([embeds, noise], lr=o.refine_lr)
+                for _ in range(o.refine_steps):
+                    with torch.enable_grad():
+                        x = normalise(self.render(embeds, grad=True, noise=noise), self.preprocess)
+                        teacher = forward(model, x, want_patches=False).logits
+                        prior = (embeds - start).pow(2).mean() / spread + (noise.pow(2).mean((1, 2, 3)) - 1).pow(2).mean()
+                        loss = (o.refine_w_ce * F.cross_entropy(teacher.float(), targets)
+                                - o.w_disagree * kl_disagreement(teacher, student(x)) + o.refine_w_prior * prior)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                    opt.step()
+                out.append(self.render(embeds.detach(), noise=noise.detach()).float().cpu())
+        return torch.cat(out)
 
     def diffusion_info(self) -> dict[str, Any]:
         s = self._sampler

@@ -35,7 +35,7 @@ from vitqc.calib import Source, item_seed
 from vitqc.calib.spec import register_source
 from vitqc.calib import distributed as dist
 from vitqc.calib.classes import prompt_name
-from vitqc.calib.diffusion import DiffusionSource
+from vitqc.calib.diffusion import DiffusionSource, DisagreementOptions
 from vitqc.calib.features import forward, normalise
 from vitqc.calib.inversion import frozen
 from vitqc.errors import VitqcError
@@ -45,7 +45,7 @@ _LEARN_SALT = 0x1EA2
 
 
 @dataclass
-class LearnedPromptOptions:
+class LearnedPromptOptions(DisagreementOptions):
     modes: int = 4
     steps: int = 100
     lr: float = 5e-3
@@ -59,7 +59,7 @@ class LearnedPromptOptions:
     resolution: int | None = None  # diffusion output size (default: the UNet's, 512 for SD-Turbo)
     checkpointing: bool | None = None  # gradient checkpointing while learning (default: on a GPU)
     embeddings: str | None = None  # safetensors file to reuse / write
-    limits: ClassVar[dict[str, str]] = {"modes": ">= 1", "steps": ">= 0", "lr": ">= 0", "classes_per_step": ">= 1",
+    limits: ClassVar[dict[str, str]] = {**DisagreementOptions.limits, "modes": ">= 1", "steps": ">= 0", "lr": ">= 0", "classes_per_step": ">= 1",
                                         "w_ce": ">= 0", "w_emb": ">= 0", "w_feat": ">= 0", "init_noise": ">= 0",
                                         "batch_size": ">= 1", "resolution": ">= 8"}
 
@@ -274,7 +274,8 @@ class LearnedPromptSource(DiffusionSource, Source):
 
     # -- generation --------------------------------------------------------------------------------
 
-    def generate_batch(self, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def item_embeddings(self, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Mode ``index % modes`` of each item's class (learning classes not prepared yet)."""
         missing = sorted({c for c in labels.tolist() if c not in self.embeddings})
         if missing:  # not prepared (no collectives here: prepare() is what ranks call together)
             self.embeddings.update(self.learn(missing))
@@ -284,8 +285,7 @@ class LearnedPromptSource(DiffusionSource, Source):
             raise VitqcError(f"learned embeddings are {tuple(embeds.shape[-2:])} but the diffusion model's text "
                              f"encoder gives ({self.sampler.max_length}, {self.sampler.embed_dim}): they were learned "
                              f"with another diffusion model")
-        seeds = [item_seed(self.seed, c, i) for c, i in zip(labels.tolist(), indices.tolist())]
-        return self.render(embeds.to(self.sampler.device), seeds).float().cpu()
+        return embeds
 
     def describe(self) -> dict:
         return {**super().describe(), **self.diffusion_info()}

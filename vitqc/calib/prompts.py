@@ -15,7 +15,7 @@ import torch
 from vitqc.calib import Source, item_seed
 from vitqc.calib.spec import register_source
 from vitqc.calib.classes import prompt_name
-from vitqc.calib.diffusion import DiffusionSource
+from vitqc.calib.diffusion import DiffusionSource, DisagreementOptions
 
 # describe the photograph
 PHOTO_ADJECTIVES = (
@@ -48,10 +48,10 @@ def item_prompt(name: str, seed: int, label: int, index: int) -> str:
 
 
 @dataclass
-class PromptOptions:
+class PromptOptions(DisagreementOptions):
     batch_size: int = 8
     resolution: int | None = None  # diffusion output size (default: the UNet's, 512 for SD-Turbo)
-    limits: ClassVar[dict[str, str]] = {"batch_size": ">= 1", "resolution": ">= 8"}
+    limits: ClassVar[dict[str, str]] = {**DisagreementOptions.limits, "batch_size": ">= 1", "resolution": ">= 8"}
 
 
 @register_source
@@ -71,10 +71,8 @@ class PromptSource(DiffusionSource, Source):
     def prompts(self, labels: torch.Tensor, indices: torch.Tensor) -> list[str]:
         return [item_prompt(self.class_names[c], self.seed, c, i) for c, i in zip(labels.tolist(), indices.tolist())]
 
-    def generate_batch(self, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        embeds = self.sampler.encode_prompts(self.prompts(labels, indices))
-        seeds = [item_seed(self.seed, c, i) for c, i in zip(labels.tolist(), indices.tolist())]
-        return self.render(embeds, seeds).float().cpu()
+    def item_embeddings(self, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return self.sampler.encode_prompts(self.prompts(labels, indices))
 
     def describe(self) -> dict:
         return {**super().describe(), **self.diffusion_info()}

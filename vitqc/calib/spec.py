@@ -48,6 +48,7 @@ class Calibration:
     images: torch.Tensor  # [N, C, H, W]
     holdout: torch.Tensor | None = None  # never seen by a pass
     record: dict[str, Any] = field(default_factory=dict)
+    source: Any = None  # the data-free Source that made the images, if one did (it can make more: data-free rounds)
 
     def __post_init__(self) -> None:
         if not len(self.images):

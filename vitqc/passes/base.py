@@ -63,6 +63,7 @@ class CompileContext:
     resume: bool = False  # continue from the checkpoints in work_dir instead of starting over
     quiet: bool = False
     strict: bool = False  # a weight or attention matmul that is not recognised is an error, not a warning
+    calib_source: Any = None  # the data-free vitqc.calib.Source that made calib, if one did (it can make more)
 
     def __post_init__(self) -> None:
         if isinstance(self.calib, (list, tuple)):

@@ -86,10 +86,15 @@ class JointOptimizeOptions:
     # one launch each instead of one per kernel, for a step bound by launches. UNMEASURED on a GPU so far (no
     # GPU lent since it was written); on a CPU it is the same as "default".
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # cyclic generation (CLAMP-ViT): with a data-free --calib source, the iterations run in datafree_rounds + 1
+    # parts, and before each later part the source adds datafree_images images on which the student still
+    # disagrees with the FP model (vitqc.calib.cyclic)
+    datafree_rounds: int = 0
+    datafree_images: int = 16
     limits: ClassVar[dict[str, str]] = {
         "iterations": ">= 0", "batch_size": ">= 1", "lr_quant": ">= 0", "lr_zero_point": ">= 0", "lr_rescale": ">= 0",
         "lr_refine": ">= 0", "kl_weight": ">= 0", "feature_weight": ">= 0", "temperature": "> 0",
-        "checkpoint_every": ">= 1"}
+        "checkpoint_every": ">= 1", "datafree_rounds": ">= 0", "datafree_images": ">= 1"}
 
     def __post_init__(self) -> None:
         if self.compile_mode != "default" and not self.compile:
@@ -240,6 +245,12 @@ class JointOptimize(VitqcPass):
         started, first_loss, last, warmup_seconds = time.perf_counter(), None, {}, None
         history: dict[str, list[float]] = {"step": []}  # the loss curve, at most ~500 points (vitqc report)
         log_every = max(1, o.iterations // 500)
+        rounds = None
+        if o.datafree_rounds:
+            from vitqc.calib.cyclic import DatafreeRounds
+
+            rounds = DatafreeRounds.for_context(ctx, o.datafree_rounds, o.datafree_images, o.iterations)
+            resumed = state.step > 0
         autocast = _autocast(o, device)
         amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
         student.train()
@@ -247,6 +258,8 @@ class JointOptimize(VitqcPass):
             while state.step < o.iterations:
                 if graphs:
                     torch.compiler.cudagraph_mark_step_begin()
+                if rounds is not None:
+                    images = rounds.images_at(state.step, gm, images, resumed)
                 stage_index = min(state.step * len(stages) // o.iterations, len(stages) - 1)
                 stage_groups, stage_scope = stages[stage_index]
                 idx = torch.randint(0, len(images), (o.batch_size,), generator=state.gen)
@@ -299,6 +312,8 @@ class JointOptimize(VitqcPass):
                                  "autocast": "bf16" if autocast else None,
                                  # the first steps (torch.compile, allocator and kernel warm-up) on their own
                                  "warmup_steps": WARMUP_STEPS, "warmup_seconds": warmup_seconds and round(warmup_seconds, 3)}
+        if rounds is not None:
+            ctx.record[self.name]["datafree_rounds"] = rounds.record
         return PassResult(gm, True)
 
     def _stages(self, groups: list[dict], scopes: list[str]) -> list[tuple[set[int], str | None]]:
