@@ -46,11 +46,9 @@ from vitqc.calib.image_param import logit, make_param
 from vitqc.calib.noise import noise_stats
 
 
-# Defaults tuned on vits14_cifar10 (joint-w4a4, 60 iterations at batch 8, 64 images, 2,000 test images;
-# benchmarks/results/calib_sources_vits14_inv_*.json): 40 steps at the former w_ce 1 and full resolution gave
-# 43.35 % top-1, these 48.30 % (real images 59.40 %). On 500 test images: 80 steps 45.2 % vs 40 steps 47.8 %,
-# w_ce 0 41.4 %, w_ce 0.05 without coarse 38.4 %: confident, high-frequency images distill worst. (The former
-# default of 200 steps was not better: 100 steps matched 40 on an earlier run.)
+# Defaults tuned on vits14_cifar10 (the sweep: docs/findings.md, "Model inversion";
+# benchmarks/results/calib_sources_vits14_inv_*.json): confident, high-frequency images distill worst, so a weak
+# class term and coarse pixels; more steps did not help.
 @dataclass
 class InversionOptions:
     steps: int = 40
@@ -197,9 +195,8 @@ def inversion_loss(model, preprocess, images01, labels, options: InversionOption
 
 def coarse_factor(model: torch.nn.Module, coarse: int) -> int:
     """``coarse``, capped at half the model's patch size (timm ``patch_embed.patch_size``) so that a patch
-    still sees at least 2 x 2 coarse pixels. Measured: factor 4 at patch 14 (vits14_cifar10, 112 px) +4.95 pp;
-    factor 4 at patch 4 (vit_tiny_cifar10, 32 px: one coarse pixel per patch) 52.45 % against 54.40 % at full
-    resolution, capped to 2 there 55.10 % (benchmarks/results/calib_sources_vit_tiny_joint_inv_*.json)."""
+    still sees at least 2 x 2 coarse pixels: one coarse pixel per patch hurt where a coarser image helped
+    (docs/findings.md, "Model inversion"; benchmarks/results/calib_sources_vit_tiny_joint_inv_*.json)."""
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if patch is None:
         return max(1, coarse)
