@@ -332,9 +332,9 @@ def _check(gm: fx.GraphModule, model: nn.Module, args: tuple[torch.Tensor, ...],
 
 
 def _say(message: str) -> None:
-    from vitqc.progress import console
+    from vitqc.console import err
 
-    console.print(message, markup=False, highlight=False, soft_wrap=True)
+    err.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 def capture(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...] | None = None,

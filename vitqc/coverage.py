@@ -316,7 +316,7 @@ def report(gm: fx.GraphModule, record: dict[str, Any], quiet: bool = False) -> C
     cov = measure(gm, record)
     record["coverage"] = cov.to_dict()
     if not quiet:
-        from vitqc.progress import console
+        from vitqc.console import err
 
-        console.print(f"coverage: {cov.summary()}", markup=False, highlight=False, soft_wrap=True)
+        err.print(f"coverage: {cov.summary()}", markup=False, highlight=False, soft_wrap=True)
     return cov

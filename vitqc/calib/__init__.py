@@ -186,7 +186,7 @@ def calibration_batches(kind: str | Source, model: nn.Module, preprocess: Prepro
     class-balanced with the classes in a seeded order, as batches of ``batch_size`` for ``vitqc.compile``;
     and a JSON record of what was done (source, options, timings, source statistics)."""
     from vitqc.calib.features import normalise
-    from vitqc.progress import progress_bar
+    from vitqc.console import progress_bar
 
     if size < 1:
         raise VitqcError(f"calibration size {size} is not positive: pass --calib-size of at least 1")

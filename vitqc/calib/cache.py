@@ -126,7 +126,7 @@ def write_cache(source: Source, out_dir: str | Path, per_class: int, shard_size:
     """Generate ``per_class`` images of each class with ``source`` into ``out_dir`` (resuming a previous
     run with the same settings). Returns this process's stats: images generated, shards written and
     skipped, seconds, images/s."""
-    from vitqc.progress import progress_bar
+    from vitqc.console import progress_bar
 
     root = Path(out_dir).expanduser()
     if root.exists() and not root.is_dir():

@@ -108,12 +108,12 @@ class DatafreeRounds:
         return images
 
     def _generate(self, round_index: int, pool: torch.Tensor, student: nn.Module) -> torch.Tensor:
-        from vitqc.progress import console
+        from vitqc.console import err
 
         source = self.source
         labels, indices = round_items(source, len(pool), self.per_round, round_index)
         if not self.quiet:
-            console.print(f"joint_optimize: data-free round {round_index}/{self.rounds}: {source.name} generates "
+            err.print(f"joint_optimize: data-free round {round_index}/{self.rounds}: {source.name} generates "
                           f"{len(labels)} images against the student", highlight=False, soft_wrap=True)
         was_training = student.training
         started = time.perf_counter()

@@ -243,7 +243,7 @@ class LearnedPromptSource(DiffusionSource, Source):
             self.embeddings.update({c: known[c] for c in classes if c in known})
             self.stats["reused_classes"] = sum(c in known for c in classes)
         missing = [c for c in classes if c not in self.embeddings]
-        from vitqc.progress import progress_bar
+        from vitqc.console import progress_bar
 
         if missing:
             self.sampler  # noqa: B018 - load the diffusion model before the progress bar (errors come first)

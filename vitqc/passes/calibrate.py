@@ -14,7 +14,7 @@ from torch import fx
 
 from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_property, register_pass
 from vitqc.passes.insert_quantizers import bypassed, quantizers
-from vitqc.progress import progress_bar
+from vitqc.console import progress_bar
 from vitqc.quant.modules import QUANT_LAYERS
 
 

@@ -37,7 +37,7 @@ from vitqc.optim import GroupedAdam
 from vitqc.passes.base import CompileContext, PassResult, VitqcPass, applied, graph_property, register_pass
 from vitqc.passes.insert_quantizers import quantizers
 from vitqc.passes.weight_refine import RefinementPenalty
-from vitqc.progress import progress_bar
+from vitqc.console import progress_bar
 from vitqc.quant.modules import QUANT_LAYERS, ChannelFactors
 from vitqc.scopes import block_scopes, node_scopes, with_scope_outputs
 
