@@ -58,7 +58,7 @@ from torch import Tensor, fx, nn
 
 from vitqc.backends import packing
 from vitqc.backends.program import ASSERTS, ActBuffers, ActQuant, Region, Unsupported, act_quant, finish, \
-    integer_layers, is_tensor_node, modules_by_type, quantized_program, stack_paths
+    fold_constants, integer_layers, modules_by_type, quantized_program, stack_paths
 from vitqc.errors import VitqcError
 from vitqc.quant.intops import integer_linear, patches
 
@@ -346,40 +346,7 @@ def fold_unpack(gm: fx.GraphModule) -> fx.GraphModule:
     its transpose view, scale products) and store the results as buffers: the packed file stays small, the
     weights sit in memory as int8 and each call skips the unpack. Nodes outside packed layers are left alone."""
     packed_paths = {name for name, m in modules_by_type(gm, ("PackedLinear", "PackedPatchConv"))}
-    const: dict[fx.Node, Any] = {}
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            const[node] = _fetch_attr(gm, str(node.target))
-        elif node.op == "call_function" and node.target not in ASSERTS and stack_paths(node) & packed_paths \
-                and node.all_input_nodes and all(m in const for m in node.all_input_nodes) and is_tensor_node(node):
-            args = fx.node.map_arg(node.args, lambda m: const[m])
-            kwargs = fx.node.map_arg(node.kwargs, lambda m: const[m])
-            const[node] = node.target(*args, **kwargs)
-    folded = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node not in const:
-            continue
-        if all(u in const for u in node.users):
-            continue  # an inner node of a constant subgraph: its users are folded instead
-        name = f"_folded_{node.name}"
-        value = const[node]
-        gm.register_buffer(name, value.contiguous() if value.is_contiguous() else value, persistent=False)
-        with gm.graph.inserting_before(node):
-            attr = gm.graph.get_attr(name)
-        attr.meta.update(node.meta)
-        node.replace_all_uses_with(attr)
-        folded += 1
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    gm.meta["vitqc_folded"] = folded
-    return gm
-
-
-def _fetch_attr(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return fold_constants(gm, lambda node: bool(stack_paths(node) & packed_paths))
 
 
 # ----------------------------------------------------------------------------------------------- save / load

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, fx, nn
@@ -18,7 +18,7 @@ from vitqc.errors import VitqcError
 from vitqc.quant.intops import EPS as _EPS, act_codes, shift_for
 
 __all__ = ["quantized_program", "integer_layers", "Region", "stack_paths", "is_tensor_node", "finish",
-           "modules_by_type", "ActQuant", "ActBuffers", "act_quant", "Unsupported", "CLAMP", "ASSERTS"]
+           "modules_by_type", "fold_constants", "ActQuant", "ActBuffers", "act_quant", "Unsupported", "CLAMP", "ASSERTS"]
 
 CLAMP = (torch.ops.aten.clamp.default,)
 ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
@@ -167,6 +167,47 @@ def finish(gm: fx.GraphModule) -> None:
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
+
+
+def fold_constants(gm: fx.GraphModule, where: Callable[[fx.Node], bool] = lambda node: True) -> fx.GraphModule:
+    """Evaluate, once, every pure node (``where`` it holds) whose inputs are all stored tensors or folded nodes,
+    and store each result that a non-folded node reads as a buffer (``_folded_<name>``, not saved in a state
+    dict). ``gm.meta["vitqc_folded"]``: how many buffers."""
+    const: dict[fx.Node, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            const[node] = _fetch_attr(gm, str(node.target))
+        elif node.op == "call_function" and node.target not in ASSERTS and not node.is_impure() and where(node) \
+                and node.all_input_nodes and all(m in const for m in node.all_input_nodes) and is_tensor_node(node):
+            args = fx.node.map_arg(node.args, lambda m: const[m])
+            kwargs = fx.node.map_arg(node.kwargs, lambda m: const[m])
+            const[node] = node.target(*args, **kwargs)
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node not in const:
+            continue
+        if all(u in const for u in node.users):
+            continue  # an inner node of a constant subgraph: its users are folded instead
+        name = f"_folded_{node.name}"
+        value = const[node]
+        # a broadcast (zero-stride) result is stored dense; other views (a weight's transpose) are kept as they are
+        gm.register_buffer(name, value.contiguous() if 0 in value.stride() else value, persistent=False)
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(name)
+        attr.meta.update(node.meta)
+        node.replace_all_uses_with(attr)
+        folded += 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    gm.meta["vitqc_folded"] = folded
+    return gm
+
+
+def _fetch_attr(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def modules_by_type(gm: fx.GraphModule, type_names: tuple[str, ...]) -> list[tuple[str, str]]:

@@ -24,13 +24,13 @@ def xnnpack_supported_ops(gm: fx.GraphModule) -> fx.GraphModule:
       mean is a global average pooling of 4-D tensors). Float rounding differs from the fused kernel.
     * ``matmul`` of two tensors with the same batch dims -> ``bmm`` on [batch, N, K] views (matmul's own
       decomposition expands both operands first, and XNNPACK has no expand). Exact.
-    * ``unbind`` / ``select`` (qkv split, class token) -> ``slice`` + ``reshape``; ``expand`` to the input's
-      own shape is dropped. Exact.
+    * ``unbind`` / ``select`` (qkv split, class token) -> ``slice`` + ``reshape``; ``expand`` or ``slice`` to the
+      input's own shape is dropped. Exact.
     * vitqc's quantizers: ``amax(x, -1, keepdim)`` -> ``max.dim`` over the last dim of ``x`` viewed as
       [1, 1, rows, C] (a max pooling); ``amin(x)`` -> ``-max(-x)``. Exact.
     * ``round(x)`` -> ``floor(x + 0.5)``: XNNPACK has no round. Exact except at exact ties (x = k + 1/2),
       which round half up instead of to even; ``x + 0.5`` itself is exact for the codes' range (|x| < 2^22).
-    * ``clamp_min(x, lo)`` -> ``clamp(x, lo)``; ``detach`` is dropped. Exact.
+    * ``clamp_min(x, lo)`` -> ``clamp(x, lo)``; ``detach`` and ``alias`` are dropped. Exact.
     """
     aten = torch.ops.aten
     g = gm.graph
@@ -97,13 +97,14 @@ def xnnpack_supported_ops(gm: fx.GraphModule) -> fx.GraphModule:
                     g.erase_node(u)
                 g.erase_node(node)
                 continue
-            elif node.target is aten.expand.default and val is not None and list(node.meta["val"].shape) == shape:
-                new = node.args[0]  # expanding to its own shape (the class token at batch 1)
+            elif node.target in (aten.expand.default, aten.slice.Tensor) and val is not None \
+                    and list(node.meta["val"].shape) == shape:
+                new = node.args[0]  # expanding or slicing to its own shape (the class token at batch 1, patches)
             elif node.target is aten.round.default:
                 new = call(aten.floor.default, call(aten.add.Tensor, node.args[0], 0.5))
             elif node.target is aten.clamp_min.default:
                 new = call(aten.clamp.default, node.args[0], node.args[1])
-            elif node.target is aten.detach.default:
+            elif node.target in (aten.detach.default, aten.alias.default):
                 new = node.args[0]
             else:
                 continue

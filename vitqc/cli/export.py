@@ -3,8 +3,9 @@
 * ``packed``: a ``torch.export`` program (``.pt2``) whose linear layers, patch embedding and attention matmuls
   run integer kernels over bit-packed weights (:mod:`vitqc.backends.packed`); load it with
   ``vitqc.backends.packed.load_packed(PATH).module()``.
-* ``executorch``: an XNNPACK ``.pte`` (:mod:`vitqc.backends.executorch`); the scheme XNNPACK runs instead of
-  vitqc's is printed in one line before lowering.
+* ``executorch``: an XNNPACK ``.pte`` (:mod:`vitqc.backends.executorch`); what XNNPACK runs, and what of
+  vitqc's scheme it cannot run exactly with its measured cost, is printed in one line before lowering;
+  ``--exact`` refuses such a substitution instead.
 
 Errors are one line (``VitqcError``, exit 2); the output is written to a temporary file and renamed.
 """
@@ -30,6 +31,7 @@ def export(
     batch: Annotated[int, typer.Option("--batch", help="executorch: static batch size of the program")] = 1,
     fp32: Annotated[bool, typer.Option("--fp32", help="executorch: lower the float model (dequantized weights, no quantization) as a baseline")] = False,
     attention: Annotated[str, typer.Option("--attention", help="executorch: vitqc (attention matmuls on vitqc's codes) | fp32 (float attention matmuls: faster, not vitqc's scheme)")] = "vitqc",
+    exact: Annotated[bool, typer.Option("--exact", help="refuse to lower what the backend cannot compute exactly (float rounding aside) instead of substituting it; the packed backend is always exact")] = False,
 ) -> None:
     """Lower an artifact to packed integer kernels (.pt2) or an ExecuTorch XNNPACK program (.pte)."""
     from vitqc.artifact import check_writable, load_artifact
@@ -67,7 +69,7 @@ def export(
         from vitqc.backends.executorch import lower_executorch, save_pte
 
         err.print(f"[bold cyan]lower[/] {artifact} to ExecuTorch (XNNPACK){' fp32 baseline' if fp32 else ''}")
-        result = lower_executorch(art, fp32=fp32, batch=batch, attention=attention,
+        result = lower_executorch(art, fp32=fp32, batch=batch, attention=attention, exact=exact,
                                   announce=lambda line: out.print(line, highlight=False))
         path = save_pte(result, target)
         portable = ", ".join(f"{name} x{n}" for name, n in result.portable_ops.items()) or "none"
