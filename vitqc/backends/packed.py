@@ -26,18 +26,21 @@ program (same activation codes from the same float ops, exact integer accumulati
 * ``PackedPatchConv`` (an ``IntConv2d`` whose stride equals its kernel, no padding/dilation/groups, i.e. a
   ViT patch embedding): patches of the image codes through the same int8 GEMM. Other convolutions keep the
   source's form (int8 codes, float conv) and are listed as not lowered.
-* the attention matmuls (``IntMatmul``) already run on integer codes in the source program and are kept as
-  they are: an fp32 GEMM of integer codes (exact below 2^24; PyTorch has no batched int8 GEMM on CPU).
+* ``PackedMatmul`` (each ``IntMatmul``, the attention matmuls): the source's fp32 GEMM of centred integer codes
+  (exact below 2^24; PyTorch has no batched int8 GEMM on CPU), each static operand's codes computed in three
+  elementwise ops instead of the source's five: the same integers, so the same result.
 
-Speed: the eager program runs every quantize/dequantize as separate elementwise ops;
-``torch.compile(packed.module())`` (inductor) fuses them around the int8 GEMMs (measured in the benchmark).
+Speed: the eager program runs every quantize/dequantize as separate elementwise ops; ``unpack="load"`` (the
+default) keeps the unpacked int8 weights in memory. ``packed.module(compile=True)`` (inductor) fuses the
+elementwise ops around the int8 GEMMs and is faster still, but it also generates its own LayerNorm, softmax,
+GELU and rescale code, whose float rounding differs from the artifact's: its output is the artifact's up to
+float rounding, not bit for bit, so it is not the default (benchmarks/backend_latency.py --compile).
 
 CUDA: lower a materialized graph that is on the GPU, with an example input there (``torch.export`` records
 the device's kernels); the int8 GEMMs are then ``torch._int_mm`` with the operands zero-padded to the shapes
-CUDA's kernel takes (``padded_int_mm``). Measured on an H200 (benchmarks/backend_latency.py --device cuda): the
-eager packed program is 4x slower than bf16 eager (0.22-0.24x, ViT-S and vits14, batch 1 and 8): every
-quantize / unpack / dequantize is a kernel launch of its own, and at these sizes launches, not GEMMs, set the
-time. Fusing them (Triton, or torch.compile) is not done.
+CUDA's kernel takes (``padded_int_mm``). On a GPU the eager packed program is slower than bf16 eager
+(benchmarks/results/backend_latency-cuda.json): every quantize / unpack / dequantize is a kernel launch of its own,
+and at these sizes launches, not GEMMs, set the time. Fusing them (Triton, or torch.compile) is not done.
 
 Not done: no Triton kernels, no int8 kernel for
 the attention matmuls (fp32 GEMM of integer codes, see above), per-channel activation quantizers and
@@ -58,11 +61,11 @@ from torch import Tensor, fx, nn
 
 from vitqc.backends import packing
 from vitqc.backends.program import ASSERTS, ActBuffers, ActQuant, Region, Unsupported, act_quant, finish, \
-    fold_constants, integer_layers, modules_by_type, quantized_program, stack_paths
+    fold_constants, integer_layers, modules_by_type, quantized_program, regions_of, stack_paths
 from vitqc.errors import VitqcError
 from vitqc.quant.intops import integer_linear, patches
 
-__all__ = ["ActQuant", "PackedLinear", "PackedPatchConv", "PackedProgram", "lower_packed",
+__all__ = ["ActQuant", "PackedLinear", "PackedPatchConv", "PackedMatmul", "PackedProgram", "lower_packed",
            "save_packed", "load_packed", "fold_unpack", "quantized_program", "PACKED_FORMAT"]
 
 PACKED_FORMAT = "vitqc-packed/1"
@@ -201,6 +204,23 @@ class PackedPatchConv(_PackedWeightMixin, nn.Module):
         return y.reshape(x.shape[0], ho, wo, self.out_channels).permute(0, 3, 1, 2)
 
 
+class PackedMatmul(nn.Module):
+    """An attention matmul (``IntMatmul``) as the source computes it, ``Q(a) @ Q(b)`` on centred integer codes
+    (:func:`vitqc.quant.intops.integer_matmul`), with each static operand's codes in three elementwise ops instead
+    of five (:meth:`ActBuffers.centred_codes`: the same integers, so the same result to the last bit)."""
+
+    def __init__(self, lhs: ActQuant, rhs: ActQuant) -> None:
+        super().__init__()
+        self.lhs, self.rhs = ActBuffers(lhs), ActBuffers(rhs)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        ca, sa = self.lhs.centred_codes(a)
+        cb, sb = self.rhs.centred_codes(b)
+        if self.rhs.granularity == "token":
+            return torch.matmul(ca, cb * sb) * sa
+        return torch.matmul(ca, cb) * (sa * sb)
+
+
 # ----------------------------------------------------------------------------------------------- lowering
 
 @dataclass
@@ -211,13 +231,13 @@ class PackedProgram:
     manifest: dict[str, Any]
     eager: fx.GraphModule | None = None  # the rewritten graph with the packed modules (not kept by save/load)
 
-    def module(self, unpack: str = "call", compile: bool = False) -> nn.Module:
-        """A callable module; ``unpack="load"`` unpacks the weights to int8 once (see :func:`fold_unpack`).
+    def module(self, unpack: str = "load", compile: bool = False) -> nn.Module:
+        """A callable module. ``unpack="load"`` (default: the fast exact form) unpacks the weights to int8 once
+        (see :func:`fold_unpack`); ``"call"`` keeps them packed in memory and unpacks them inside every call.
 
-        ``compile=True`` returns it through ``torch.compile`` (inductor), which fuses the quantize, unpack and
-        dequantize elementwise ops around the integer GEMMs: the fastest form on CPU (benchmarks/
-        backend_latency.py --compile), at the cost of a compile on the first call of each input shape.
-        """
+        ``compile=True`` returns it through ``torch.compile`` (inductor): faster on CPU, after a compile on the
+        first call of each input shape, and equal to the artifact only up to float rounding (see the module
+        docstring)."""
         if unpack not in ("call", "load"):
             raise VitqcError(f"unpack must be 'call' or 'load', got {unpack!r}")
         gm = self.program.module()
@@ -262,9 +282,12 @@ def lower_packed(source: Any, example: Tensor | None = None, *, ternary: str = "
         except Unsupported as why:
             skipped.append({"path": path, "reason": str(why)})
 
-    # the attention matmuls already run on integer codes in the source program (IntMatmul): kept as they are
-    layers += [{"path": path, "kind": "matmul", "form": "IntMatmul: integer codes, fp32 GEMM (exact below 2^24)"}
-               for path, _ in modules_by_type(gm, ("IntMatmul",))]
+    matmul_paths = [path for path, _ in modules_by_type(gm, ("IntMatmul",))]
+    for path, region in regions_of(gm, matmul_paths).items():
+        try:
+            layers.append(_lower_matmul(gm, state, region, path))
+        except Unsupported as why:
+            skipped.append({"path": path, "reason": str(why)})
 
     finish(gm)
     packed = _export(gm, example)
@@ -282,6 +305,18 @@ def _export(gm: fx.GraphModule, example: Tensor) -> torch.export.ExportedProgram
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VitqcError(f"could not export the packed graph with torch.export: {first}") from exc
+
+
+def _lower_matmul(gm: fx.GraphModule, state: dict[str, Tensor], region: Region, path: str) -> dict[str, Any]:
+    inputs, outputs = region.tensor_inputs(), region.tensor_outputs()
+    if len(inputs) != 2 or len(outputs) != 1:
+        raise Unsupported(f"expected two tensors in and one out, found {len(inputs)} in / {len(outputs)} out")
+    lhs, rhs = (act_quant(state, f"{path}.{side}", region, operand) for side, operand in zip(("lhs", "rhs"), inputs))
+    if lhs is None or rhs is None:
+        raise Unsupported("an operand without an integer grid")
+    _replace(gm, region, inputs, outputs[0], path, PackedMatmul(lhs, rhs))
+    return {"path": path, "kind": "matmul", "form": "integer codes, fp32 GEMM (exact below 2^24)",
+            "act": {"lhs": lhs.describe(), "rhs": rhs.describe()}}
 
 
 def _lower_weight_layer(gm: fx.GraphModule, state: dict[str, Tensor], region: Region, path: str,

@@ -107,13 +107,25 @@ class Region:
     def tensor_outputs(self) -> list[fx.Node]:
         return [n for n in self.nodes if is_tensor_node(n) and any(u not in self.node_set for u in n.users)]
 
-    def clamp_bounds(self) -> set[tuple[int, int]]:
+    def clamp_bounds(self, start: fx.Node | None = None) -> set[tuple[int, int]]:
+        """The integer bounds of the region's clamps (those downstream of ``start`` when given: one operand's)."""
         out = set()
-        for n in self.nodes:
+        for n in (self.nodes if start is None else self.downstream(start)):
             if n.op == "call_function" and n.target in CLAMP and len(n.args) >= 3 \
                     and isinstance(n.args[1], int) and isinstance(n.args[2], int):
                 out.add((n.args[1], n.args[2]))
         return out
+
+    def downstream(self, start: fx.Node) -> list[fx.Node]:
+        """The region's nodes that depend on ``start``."""
+        seen: set[fx.Node] = set()
+        todo = [u for u in start.users if u in self.node_set]
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo.extend(u for u in n.users if u in self.node_set)
+        return [n for n in self.nodes if n in seen]
 
     def find(self, target: Any) -> list[fx.Node]:
         return [n for n in self.nodes if n.op == "call_function" and n.target == target]
@@ -256,6 +268,7 @@ class ActBuffers(nn.Module):
             z = q.zero_point.detach().float().reshape(())
             z = torch.zeros(()) if q.symmetric else torch.clamp(z.round(), q.qmin, q.qmax)
             self.register_buffer("zero_point", z.clone())
+            self.centred_bounds = (float(q.qmin - z), float(q.qmax - z))
         else:
             assert q.clip_ratio is not None
             self.register_buffer("clip_ratio", q.clip_ratio.detach().float().reshape(()).clamp_min(_EPS).clone())
@@ -273,10 +286,20 @@ class ActBuffers(nn.Module):
         """The centered codes need no zero-point correction (symmetric grid that fits int8 unshifted)."""
         return self.symmetric and self.qmax <= 127
 
+    def centred_codes(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(q - z, s)``: the codes :func:`vitqc.quant.intops.integer_matmul` multiplies, the same integers. Per
+        tensor in three ops, ``clamp(round(x / s), qmin - z, qmax - z)`` (equal to ``clamp(round(x / s) + z, qmin,
+        qmax) - z``: integers in float are exact, and beyond the grid both saturate)."""
+        if self.granularity == "tensor":
+            return torch.clamp(torch.round(x / self.scale), *self.centred_bounds), self.scale
+        q, s, z = self.codes(x)
+        return (q if self.zero_free else q - z), s
 
-def act_quant(state: dict[str, Tensor], prefix: str, region: Region) -> ActQuant | None:
-    """The activation quantizer stored at ``prefix`` as the program computes it, or None if it does nothing."""
-    bounds = region.clamp_bounds()
+
+def act_quant(state: dict[str, Tensor], prefix: str, region: Region, operand: fx.Node | None = None) -> ActQuant | None:
+    """The activation quantizer stored at ``prefix`` as the program computes it, or None if it does nothing
+    (``operand``: the region's input it quantizes, where the region quantizes two)."""
+    bounds = region.clamp_bounds(operand)
     if not bounds:
         return None
     if len(bounds) == 2:  # an integer layer clamps the zero point to the grid and the codes to it shifted into int8
