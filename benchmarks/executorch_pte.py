@@ -4,6 +4,8 @@ it was lowered from.
     python benchmarks/executorch_pte.py table [--models vit_tiny_cifar10,vits14_cifar10] [--pipelines all|a,b,...]
         [--limit 1000] [--batch 8] [--runs 20] [--threads 1] [--calib-size N]
         [--set MODEL:PASS.OPTION=VALUE ...] [--work DIR] [--result NAME] [--relower]
+    python benchmarks/executorch_pte.py static-output --models vit_tiny_cifar10 --pipelines minmax-w8a8
+        [--limit 10000] [--result NAME]
     python benchmarks/executorch_pte.py --time BASELINE.pte OTHER.pte ... [--runs 30] [--tag TAG]
 
 Per cell (model, pipeline): the pipeline is compiled with the model's calibration images (cifar10/calib, all
@@ -26,7 +28,8 @@ pass (e.g. fewer joint_optimize iterations for vits14, recorded in the cell). Th
 
 Each cell is written to benchmarks/results/NAME.json when done; a rerun skips recorded cells (``--relower``: redo
 the lowering and measurements from the kept artifacts). ``--time`` re-times ``.pte`` files, calls interleaved,
-each as a ratio to the first.
+each as a ratio to the first. ``static-output`` measures why the lowering does not use XNNPACK's static int8 linear
+(:func:`static_output`).
 """
 from __future__ import annotations
 
@@ -173,6 +176,61 @@ def _weight_shapes(art) -> list[tuple[int, ...]]:
     return [tuple(v.shape) for k, v in state.items() if k.endswith(".weight_codes")]
 
 
+@torch.no_grad()
+def static_output(args) -> None:
+    """What XNNPACK's static int8 linear (PT2E's static recipe) would add to vitqc's program: XNNPACK's static
+    linear needs an int8 output grid, so every quantized linear and patch GEMM gets one (per tensor, min-max over
+    the calibration images), simulated in torch on vitqc's own program; argmax agreement with the program as it is."""
+    import vitqc
+    from vitqc.data import load_calibration
+    from vitqc.quant.modules import INT_LAYERS
+
+    require_shared()
+    torch.set_num_threads(args.threads)
+    module, pre, eval_dir, calib_dir, _ = load_reference_model(args.models)
+    calib = load_calibration(calib_dir, pre, size=args.calib_size, seed=0, batch_size=50)
+    test = decode_eval_set(eval_dir, pre, limit=args.limit, batch_size=250)
+    rows = []
+    for pipeline in args.pipelines.split(","):
+        gm = vitqc.compile(copy.deepcopy(module), pipeline, calib, quiet=True)
+        layers = [(name, m) for name, m in gm.named_modules() if isinstance(m, INT_LAYERS)]
+        ranges: dict[str, tuple[float, float]] = {}
+
+        def observe(name):
+            def hook(m, inputs, out):
+                lo, hi = ranges.get(name, (0.0, 0.0))
+                ranges[name] = (min(lo, float(out.min())), max(hi, float(out.max())))
+            return hook
+
+        def int8_output(name):
+            lo, hi = ranges[name]
+            step = (hi - lo) / 255
+            zero = round(-lo / step) - 128
+            return lambda m, inputs, out: (torch.clamp(torch.round(out / step) + zero, -128, 127) - zero) * step
+
+        hooks = [m.register_forward_hook(observe(name)) for name, m in layers]
+        for c in calib:
+            gm(c)
+        for h in hooks:
+            h.remove()
+        refs = [gm(x).argmax(1) for x, _ in test]
+        hooks = [m.register_forward_hook(int8_output(name)) for name, m in layers]
+        n = agree = right = right_static = 0
+        for (x, y), ref in zip(test, refs):
+            got = gm(x).argmax(1)
+            n += len(y)
+            agree += int((got == ref).sum())
+            right += int((ref == y).sum())
+            right_static += int((got == y).sum())
+        for h in hooks:
+            h.remove()
+        row = {"model": args.models, "pipeline": pipeline, "layers": len(layers), "images": n,
+               "agreement_with_vitqc": agree / n, "top1_vitqc": right / n, "top1_static_output": right_static / n}
+        rows.append(row)
+        print(row, flush=True)
+        write_result(args.result, {"rows": rows, "cpu": cpu_model(), "threads": args.threads})
+
+
 def table(args) -> None:
     from vitqc.backends.executorch import lower_executorch, save_pte
     from vitqc.data import load_calibration
@@ -227,7 +285,9 @@ def print_table(cells: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("command", nargs="?", choices=["table"], help="table: the faithfulness table")
+    ap.add_argument("command", nargs="?", choices=["table", "static-output"],
+                    help="table: the faithfulness table; static-output: what an int8 output grid on every linear "
+                         "(XNNPACK's static int8 linear) would change (--models: one model)")
     ap.add_argument("--models", default="vit_tiny_cifar10,vits14_cifar10")
     ap.add_argument("--pipelines", default="all", help="all built-in pipelines, or a comma-separated list")
     ap.add_argument("--limit", type=int, default=1000, help="test images (spread over the classes)")
@@ -244,9 +304,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.time:
         return time_files(args.time, max(args.runs, 20), args.tag)
-    if args.command != "table":
-        ap.error("give a command (table) or --time")
-    table(args)
+    if args.command is None:
+        ap.error("give a command (table, static-output) or --time")
+    (table if args.command == "table" else static_output)(args)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from vitqc.backends.program import Unsupported, act_quant, finish, fold_constants, integer_layers, modules_by_type, \
-    regions_of
+from vitqc.backends.program import Unsupported, act_quant, codes_matmul, finish, fold_constants, integer_layers, \
+    modules_by_type, regions_of
 from vitqc.backends.xnnpack_act import ANCHORS, AnchoredInput, ClippedInput, PatchGemm, QuantizedInput, \
     StaticInt8Linear, device_act, padded_linear
 from vitqc.backends.xnnpack_rewrite import xnnpack_supported_ops
@@ -144,11 +144,13 @@ def float_program(source: Any, example: Tensor | None = None, *, activations: bo
                                     "fp32" if act_q is None else "fp32-conv"))
             if act_q is not None:
                 layer = QuantizedInput(act_q, layer)
-        _swap(gm, region, inputs[0], outputs[0], path, layer)
+        _swap(gm, inputs[:1], outputs[0], path, layer)
     if not activations:
         _drop_activation_quantizers(gm, weight_paths, quant_paths, regions)
     elif attention == "fp32":
         _float_attention_matmuls(gm)
+    else:
+        _codes_matmuls(gm, state)
     finish(gm)
     return gm, plans, example, manifest
 
@@ -167,6 +169,18 @@ def _float_conv(path: str, convs: list[fx.Node], weight: Tensor, bias: Tensor | 
         if bias is not None:
             layer.bias.copy_(bias)
     return layer
+
+
+def _codes_matmuls(gm: fx.GraphModule, state: dict[str, Tensor]) -> None:
+    """Attention matmuls as :class:`vitqc.backends.program.CodesMatmul` (the same integers in fewer ops); one that
+    is not the usual two-operand form is left as the program computes it."""
+    matmul_paths = [p for p, _ in modules_by_type(gm, ("IntMatmul",))]
+    for path, region in regions_of(gm, matmul_paths).items():
+        try:
+            module, inputs, output = codes_matmul(state, region, path)
+        except Unsupported:
+            continue
+        _swap(gm, inputs, output, path, module)
 
 
 def _float_attention_matmuls(gm: fx.GraphModule) -> list[str]:
@@ -223,11 +237,11 @@ def _plan(path: str, codes: Tensor, scale: Tensor, zp: Tensor, bits: float | Non
     return _LayerPlan(path, bits, act, "qc8w-requantized", None, -127, 127, how)
 
 
-def _swap(gm: fx.GraphModule, region, x: fx.Node, out: fx.Node, path: str, layer: nn.Module) -> None:
+def _swap(gm: fx.GraphModule, inputs: list[fx.Node], out: fx.Node, path: str, layer: nn.Module) -> None:
     gm.meta.setdefault("vitqc_pending", []).append((path, layer))
     with gm.graph.inserting_before(out):
         # the holder module at `path` is replaced in finish; call it by path (fx checks the target lazily)
-        new = gm.graph.create_node("call_module", path, (x,))
+        new = gm.graph.create_node("call_module", path, tuple(inputs))
     new.meta["val"] = out.meta.get("val")
     out.replace_all_uses_with(new)
 

@@ -26,9 +26,9 @@ program (same activation codes from the same float ops, exact integer accumulati
 * ``PackedPatchConv`` (an ``IntConv2d`` whose stride equals its kernel, no padding/dilation/groups, i.e. a
   ViT patch embedding): patches of the image codes through the same int8 GEMM. Other convolutions keep the
   source's form (int8 codes, float conv) and are listed as not lowered.
-* ``PackedMatmul`` (each ``IntMatmul``, the attention matmuls): the source's fp32 GEMM of centred integer codes
-  (exact below 2^24; PyTorch has no batched int8 GEMM on CPU), each static operand's codes computed in three
-  elementwise ops instead of the source's five: the same integers, so the same result.
+* the attention matmuls (each ``IntMatmul``): :class:`vitqc.backends.program.CodesMatmul`, the source's fp32 GEMM
+  of centred integer codes (exact below 2^24; PyTorch has no batched int8 GEMM on CPU), each static operand's
+  codes computed in three elementwise ops instead of the source's five: the same integers, so the same result.
 
 Speed: the eager program runs every quantize/dequantize as separate elementwise ops; ``unpack="load"`` (the
 default) keeps the unpacked int8 weights in memory. ``packed.module(compile=True)`` (inductor) fuses the
@@ -60,12 +60,12 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from vitqc.backends import packing
-from vitqc.backends.program import ASSERTS, ActBuffers, ActQuant, Region, Unsupported, act_quant, finish, \
-    fold_constants, integer_layers, modules_by_type, quantized_program, regions_of, stack_paths
+from vitqc.backends.program import ASSERTS, ActBuffers, ActQuant, Region, Unsupported, act_quant, codes_matmul, \
+    describe_grid, finish, fold_constants, integer_layers, modules_by_type, quantized_program, regions_of, stack_paths
 from vitqc.errors import VitqcError
 from vitqc.quant.intops import integer_linear, patches
 
-__all__ = ["ActQuant", "PackedLinear", "PackedPatchConv", "PackedMatmul", "PackedProgram", "lower_packed",
+__all__ = ["ActQuant", "PackedLinear", "PackedPatchConv", "PackedProgram", "lower_packed",
            "save_packed", "load_packed", "fold_unpack", "quantized_program", "PACKED_FORMAT"]
 
 PACKED_FORMAT = "vitqc-packed/1"
@@ -204,23 +204,6 @@ class PackedPatchConv(_PackedWeightMixin, nn.Module):
         return y.reshape(x.shape[0], ho, wo, self.out_channels).permute(0, 3, 1, 2)
 
 
-class PackedMatmul(nn.Module):
-    """An attention matmul (``IntMatmul``) as the source computes it, ``Q(a) @ Q(b)`` on centred integer codes
-    (:func:`vitqc.quant.intops.integer_matmul`), with each static operand's codes in three elementwise ops instead
-    of five (:meth:`ActBuffers.centred_codes`: the same integers, so the same result to the last bit)."""
-
-    def __init__(self, lhs: ActQuant, rhs: ActQuant) -> None:
-        super().__init__()
-        self.lhs, self.rhs = ActBuffers(lhs), ActBuffers(rhs)
-
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        ca, sa = self.lhs.centred_codes(a)
-        cb, sb = self.rhs.centred_codes(b)
-        if self.rhs.granularity == "token":
-            return torch.matmul(ca, cb * sb) * sa
-        return torch.matmul(ca, cb) * (sa * sb)
-
-
 # ----------------------------------------------------------------------------------------------- lowering
 
 @dataclass
@@ -308,15 +291,10 @@ def _export(gm: fx.GraphModule, example: Tensor) -> torch.export.ExportedProgram
 
 
 def _lower_matmul(gm: fx.GraphModule, state: dict[str, Tensor], region: Region, path: str) -> dict[str, Any]:
-    inputs, outputs = region.tensor_inputs(), region.tensor_outputs()
-    if len(inputs) != 2 or len(outputs) != 1:
-        raise Unsupported(f"expected two tensors in and one out, found {len(inputs)} in / {len(outputs)} out")
-    lhs, rhs = (act_quant(state, f"{path}.{side}", region, operand) for side, operand in zip(("lhs", "rhs"), inputs))
-    if lhs is None or rhs is None:
-        raise Unsupported("an operand without an integer grid")
-    _replace(gm, region, inputs, outputs[0], path, PackedMatmul(lhs, rhs))
+    module, inputs, output = codes_matmul(state, region, path)
+    _replace(gm, region, inputs, output, path, module)
     return {"path": path, "kind": "matmul", "form": "integer codes, fp32 GEMM (exact below 2^24)",
-            "act": {"lhs": lhs.describe(), "rhs": rhs.describe()}}
+            "act": {"lhs": describe_grid(module.lhs), "rhs": describe_grid(module.rhs)}}
 
 
 def _lower_weight_layer(gm: fx.GraphModule, state: dict[str, Tensor], region: Region, path: str,

@@ -18,7 +18,7 @@ from vitqc.errors import VitqcError
 from vitqc.quant.intops import EPS as _EPS, act_codes, shift_for
 
 __all__ = ["quantized_program", "integer_layers", "Region", "stack_paths", "is_tensor_node", "finish",
-           "modules_by_type", "fold_constants", "ActQuant", "ActBuffers", "act_quant", "Unsupported", "CLAMP", "ASSERTS"]
+           "modules_by_type", "fold_constants", "CodesMatmul", "codes_matmul", "ActQuant", "ActBuffers", "act_quant", "Unsupported", "CLAMP", "ASSERTS"]
 
 CLAMP = (torch.ops.aten.clamp.default,)
 ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
@@ -251,9 +251,13 @@ class ActQuant:
         return self.qmin < 0  # UniformQuantizer: asymmetric grids start at 0, symmetric ones below 0
 
     def describe(self) -> dict[str, Any]:
-        bits = 1.58 if (self.qmin, self.qmax) == (-1, 1) else (self.qmax - self.qmin + 1).bit_length() - 1
-        return {"granularity": self.granularity, "qmin": self.qmin, "qmax": self.qmax, "bits": bits,
-                "symmetric": self.symmetric}
+        return describe_grid(self)
+
+
+def describe_grid(q: Any) -> dict[str, Any]:
+    """An activation grid (an :class:`ActQuant` or :class:`ActBuffers`) as a manifest entry."""
+    bits = 1.58 if (q.qmin, q.qmax) == (-1, 1) else (q.qmax - q.qmin + 1).bit_length() - 1
+    return {"granularity": q.granularity, "qmin": q.qmin, "qmax": q.qmax, "bits": bits, "symmetric": q.symmetric}
 
 
 class ActBuffers(nn.Module):
@@ -321,3 +325,32 @@ def act_quant(state: dict[str, Tensor], prefix: str, region: Region, operand: fx
 
 class Unsupported(Exception):
     """A region a backend cannot take over (the packed backend leaves it as the source program runs it)."""
+
+
+class CodesMatmul(nn.Module):
+    """An attention matmul (``IntMatmul``) as the source computes it, ``Q(a) @ Q(b)`` on centred integer codes
+    (:func:`vitqc.quant.intops.integer_matmul`), each static operand's codes in three elementwise ops instead of
+    five (:meth:`ActBuffers.centred_codes`: the same integers, so the same result to the last bit)."""
+
+    def __init__(self, lhs: ActQuant, rhs: ActQuant) -> None:
+        super().__init__()
+        self.lhs, self.rhs = ActBuffers(lhs), ActBuffers(rhs)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        ca, sa = self.lhs.centred_codes(a)
+        cb, sb = self.rhs.centred_codes(b)
+        if self.rhs.granularity == "token":
+            return torch.matmul(ca, cb * sb) * sa
+        return torch.matmul(ca, cb) * (sa * sb)
+
+
+def codes_matmul(state: dict[str, Tensor], region: Region, path: str) -> tuple[CodesMatmul, list[fx.Node], fx.Node]:
+    """The :class:`CodesMatmul` for the ``IntMatmul`` region at ``path``, with the region's two inputs (in call
+    order) and its output; :class:`Unsupported` if the region is not that."""
+    inputs, outputs = region.tensor_inputs(), region.tensor_outputs()
+    if len(inputs) != 2 or len(outputs) != 1:
+        raise Unsupported(f"expected two tensors in and one out, found {len(inputs)} in / {len(outputs)} out")
+    lhs, rhs = (act_quant(state, f"{path}.{side}", region, operand) for side, operand in zip(("lhs", "rhs"), inputs))
+    if lhs is None or rhs is None:
+        raise Unsupported("an operand without an integer grid")
+    return CodesMatmul(lhs, rhs), inputs, outputs[0]
