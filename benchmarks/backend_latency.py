@@ -6,8 +6,9 @@
 Latency: median of ``--runs`` timed calls after 3 warm-up calls, each scheme's calls interleaved with the
 baseline's calls on the same input (so both medians see the same machine load); ratio = baseline median /
 scheme median. The baseline is fp32 eager on the CPU and bf16 eager with ``--device cuda`` (fp32 eager is
-then a row of its own). Rows: ``packed`` (weights unpacked to int8 inside every call), ``packed-load`` (unpacked once at load,
-int8 in memory), ``artifact`` (the materialized integer program the artifact exports), ``fake-quant`` (the
+then a row of its own). Rows: ``packed`` (``packed.module()``, the default: weights unpacked once at load, int8 in
+memory; results files before issue 25 call it ``packed-load``), ``packed-call`` (unpacked inside every call; was
+``packed``), ``artifact`` (the materialized integer program the artifact exports), ``fake-quant`` (the
 graph before materialize: dequantized values, float GEMMs) and, with ``--compile``, ``packed+inductor``
 (``torch.compile`` of the packed program: fuses the quantize/unpack/dequantize elementwise ops; compile time
 printed). ``vit_small_patch16_224`` has random weights (timing only) and random calibration images.
@@ -154,7 +155,7 @@ def main() -> None:
                              "limit_bytes_per_weight": limit_bytes_per_weight(packed), "params": n_params})
                 sizes_rows.append(size)
             variants = {"fp32 eager": fp32_eager} if gpu else {}
-            variants.update({"packed": packed.module("call"), "packed-load": packed.module("load")})
+            variants.update({"packed-call": packed.module("call"), "packed": packed.module()})
             if not args.no_fakequant:
                 variants["fake-quant"] = fake.to(device)
                 variants["artifact"] = gm

@@ -1,65 +1,66 @@
-"""ExecuTorch (XNNPACK) .pte of vitqc's quantized model vs an fp32 .pte of the same model: latency, size, and
-top-1 agreement with vitqc's quantized (integer) program on the CIFAR-10 test set.
+"""The ExecuTorch faithfulness table: every built-in pipeline x model, each XNNPACK ``.pte`` against the artifact
+it was lowered from.
 
-    python benchmarks/executorch_pte.py [--model vits14_cifar10|vit_small_patch16_224] [--schemes w8a8,w8a8-token,...]
-        [--batch 1] [--limit N] [--runs 20] [--threads 1] [--calib-size 256] [--tag TAG] [--latency-only]
-        [--attention vitqc|fp32]
+    python benchmarks/executorch_pte.py table [--models vit_tiny_cifar10,vits14_cifar10] [--pipelines all|a,b,...]
+        [--limit 1000] [--batch 8] [--runs 20] [--threads 1] [--calib-size N]
+        [--set MODEL:PASS.OPTION=VALUE ...] [--work DIR] [--result NAME] [--relower]
+    python benchmarks/executorch_pte.py static-output --models vit_tiny_cifar10 --pipelines minmax-w8a8
+        [--limit 10000] [--result NAME]
     python benchmarks/executorch_pte.py --time BASELINE.pte OTHER.pte ... [--runs 30] [--tag TAG]
 
-``--time`` re-times .pte files already written (the runs above keep theirs in a printed temp folder), calls
-interleaved, each as a ratio to the first: for timing on a quiet machine apart from the long agreement pass.
+Per cell (model, pipeline): the pipeline is compiled with the model's calibration images (cifar10/calib, all
+1,000 unless --calib-size) and saved as an artifact in --work (kept: a rerun, or --relower after a change to the
+lowering, reuses it); ``--set MODEL:PASS.OPTION=VALUE`` changes an option for that model's pipelines that have the
+pass (e.g. fewer joint_optimize iterations for vits14, recorded in the cell). The artifact is lowered with
+``vitqc.backends.executorch.lower_executorch`` (its one-line description recorded), and on ``--limit`` test images
+(cifar10/test, spread over the classes) the cell records:
 
-Both programs are lowered from the same float graph (vitqc's dequantized weights; the fp32 one without
-quantization), with a static batch (``--batch``, default 1), and run with ``executorch.runtime``.
-timm ``vit_small_patch16_224`` has random weights and random calibration images: latency and size only. Latency: median of ``--runs`` calls after
-3 warm-up calls, fp32 and quantized calls interleaved. Agreement: argmax of the quantized .pte against
-vitqc's quantized program, image by image, on ``--limit`` test images spread over the classes (default all
-10,000). Next to it, the agreement of vitqc's own program computed with float GEMMs (``float_program`` run
-eagerly: the same quantizers, fp32 accumulation instead of exact integer sums): how far rounding noise alone
-moves the argmax of this model, the floor any float runtime can reach (with ``--attention fp32`` that program
-also drops the attention quantizers: what the substitution itself changes). The line printed before lowering
-says what XNNPACK runs instead of vitqc's scheme.
+* argmax agreement of the ``.pte`` (``executorch.runtime``) with the artifact's program, and top-1 of both;
+* the float floor: agreement with the artifact of the artifact's own program after the ``.pte``'s graph rewrites
+  (``xnnpack_supported_ops``: LayerNorm as means and rsqrt, the rest exact), run in torch; how far one change of
+  float rounding order alone moves this model's argmax;
+* size: the ``.pte`` and the fp32 ``.pte`` in bytes, ``.pte`` bytes per weight of the weight layers, and an
+  estimate of the weight storage alone: ``(pte - fp32 pte) / weights + 4`` (the fp32 file is the same graph with
+  4-byte weights; scales and the rest are counted in);
+* latency: medians of ``--runs`` calls at the static batch ``--batch``, the fp32 ``.pte`` and the quantized one
+  interleaved after 3 warm-up calls each (same machine load). The fp32 ``.pte`` (vitqc's dequantized weights, no
+  quantization) is lowered once per model from its first artifact; weights' values do not change its time.
+
+Each cell is written to benchmarks/results/NAME.json when done; a rerun skips recorded cells (``--relower``: redo
+the lowering and measurements from the kept artifacts). ``--time`` re-times ``.pte`` files, calls interleaved,
+each as a ratio to the first. ``static-output`` measures why the lowering does not use XNNPACK's static int8 linear
+(:func:`static_output`).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from vitqc.backends.executorch import ATTENTION
+from common import (Timer, cpu_model, decode_eval_set, load_cells, load_reference_model, require_shared,
+                    write_result)
 
-from common import Timer, decode_eval_set, load_timing_model, write_result
-
-# scheme -> (pipeline, options changed). "-token": per-token activations, which XNNPACK's dynamic int8 takes exactly
-# at A8 and A4 (see vitqc.backends.executorch._device_act); the minmax pipelines' own activations are per tensor.
-TOKEN = {"insert_quantizers__act_granularity": "token"}
-SCHEMES = {"w8a8": ("minmax-w8a8", {}), "w4a8": ("minmax-w4a8", {}), "w4a4": ("minmax-w4a4", {}),
-           "w8a8-token": ("minmax-w8a8", TOKEN), "w4a8-token": ("minmax-w4a8", TOKEN), "w4a4-token": ("minmax-w4a4", TOKEN),
-           # the joint pipelines' models (channel_rescale folded in; "-rescaled": no optimization steps, "-joint": a
-           # short run) per token: is the quantized model itself less sensitive to float rounding than min-max's?
-           # No (vits14, 2,000 images, batch 8): agreement 97.85 % for both, as min-max's; vitqc with float GEMMs
-           # 98.10 / 97.95 % (executorch_pte-vits14-rescaled.json)
-           "w8a8-token-rescaled": ("joint-w8a8", {**TOKEN, "joint_optimize__iterations": 0}),
-           "w8a8-token-joint": ("joint-w8a8", {**TOKEN, "joint_optimize__iterations": 200, "joint_optimize__batch_size": 8})}
+DEFAULT_WORK = Path(os.environ.get("TMPDIR", "/tmp")) / "vitqc-pte-table"
 
 
-def latency(fp32_method, q_method, x, runs: int) -> tuple[float, float]:
+def interleaved(baseline, candidate, x: torch.Tensor, runs: int) -> tuple[float, float]:
+    """Medians (ms) of two ``.pte`` methods called alternately on ``x`` after 3 warm-up calls each."""
     a, b = [], []
     for _ in range(3):
-        fp32_method.execute([x])
-        q_method.execute([x])
+        baseline.execute([x])
+        candidate.execute([x])
     for _ in range(runs):
         t = time.perf_counter()
-        fp32_method.execute([x])
+        baseline.execute([x])
         a.append(time.perf_counter() - t)
         t = time.perf_counter()
-        q_method.execute([x])
+        candidate.execute([x])
         b.append(time.perf_counter() - t)
     return 1e3 * statistics.median(a), 1e3 * statistics.median(b)
 
@@ -81,96 +82,226 @@ def time_files(paths: list[str], runs: int, tag: str) -> None:
              "speedup_vs_first": round(base / statistics.median(times[p]), 2)} for p in paths]
     for r in rows:
         print(f"| {r['pte']} | {r['ms']} ms | x{r['speedup_vs_first']} | {r['bytes'] / 1e6:.2f} MB |")
-    write_result("executorch_pte", {"timed": rows, "runs": runs, "cores": os.cpu_count(),
+    write_result("executorch_pte", {"timed": rows, "runs": runs, "cpu": cpu_model(), "cores": os.cpu_count(),
                                     "load_avg": os.getloadavg()}, tag)
+
+
+def model_sets(args, name: str) -> list[str]:
+    """The ``--set`` options given for ``name`` (``MODEL:PASS.OPTION=VALUE``)."""
+    out = []
+    for item in args.set:
+        model, _, option = item.partition(":")
+        if not option:
+            raise SystemExit(f"--set {item!r}: write MODEL:PASS.OPTION=VALUE")
+        if model == name:
+            out.append(option)
+    return out
+
+
+def artifact_for(module, pre, calib, name: str, pipeline: str, sets: list[str], work: Path) -> tuple[Path, dict]:
+    """The compiled artifact of ``pipeline`` for this model in ``work`` (compiled and saved if absent)."""
+    import vitqc
+    from vitqc.pipeline import load_pipeline
+
+    passes = {s.name for s in load_pipeline(pipeline).steps}
+    mine = [s for s in sets if s.split(".", 1)[0] in passes]
+    path = work / f"{name}-{pipeline}{'-' + '-'.join(sorted(mine)) if mine else ''}.vitqc".replace("=", "_")
+    info = {"set": mine}
+    if path.exists():
+        return path, {**info, "compile_s": None}
+    with Timer() as tc:
+        vitqc.compile(copy.deepcopy(module), pipeline, calib, quiet=True, set=mine, preprocess=pre).save(path)
+    print(f"  compiled in {tc.seconds:.0f}s -> {path}", flush=True)
+    return path, {**info, "compile_s": round(tc.seconds)}
+
+
+@torch.no_grad()
+def measure(art_path: Path, fp32_path: Path, module, test, batch: int, runs: int, work: Path) -> dict:
+    from vitqc.artifact import load_artifact
+    from vitqc.backends.executorch import load_pte, lower_executorch, run_pte, save_pte
+    from vitqc.backends.xnnpack_rewrite import xnnpack_supported_ops
+
+    art = load_artifact(art_path)
+    with Timer() as tl:
+        result = lower_executorch(art, batch=batch, announce=lambda line: print(f"  {line}", flush=True))
+    pte = save_pte(result, work / f"{art_path.stem}-b{batch}.pte")
+    method, fp32 = load_pte(pte), load_pte(fp32_path)
+    program = art.quantized
+    example = test[0][0][:batch].contiguous()
+    rewritten = xnnpack_supported_ops(torch.export.export(program, (example,), strict=False).module())
+    n = agree = agree_floor = right_art = right_pte = right_fp = 0
+    with Timer() as te:
+        for x, y in test:
+            ref = program(x).argmax(1)
+            got = run_pte(method, x, batch=batch).argmax(1)
+            floor = run_pte(_Eager(rewritten), x, batch=batch).argmax(1)
+            n += len(y)
+            agree += int((got == ref).sum())
+            agree_floor += int((floor == ref).sum())
+            right_art += int((ref == y).sum())
+            right_pte += int((got == y).sum())
+            right_fp += int((module(x).argmax(1) == y).sum())
+    fp32_ms, pte_ms = interleaved(fp32, method, example, runs)
+    weights = sum(math.prod(shape) for shape in _weight_shapes(art))
+    return {"images": n, "agreement": agree / n, "floor_agreement": agree_floor / n,
+            "top1_artifact": right_art / n, "top1_pte": right_pte / n, "top1_fp": right_fp / n,
+            "exact": result.exact, "substitution": result.substitution, "delegates": result.delegates,
+            "portable_ops": result.portable_ops, "pte_bytes": pte.stat().st_size,
+            "fp32_pte_bytes": fp32_path.stat().st_size, "weight_params": weights,
+            "pte_bytes_per_weight": pte.stat().st_size / weights,
+            # the fp32 .pte holds the same graph with 4-byte weights: what the quantized file has beyond the rest
+            "weight_bytes_per_weight_est": (pte.stat().st_size - fp32_path.stat().st_size) / weights + 4,
+            "batch": batch, "pte_ms": round(pte_ms, 2), "fp32_pte_ms": round(fp32_ms, 2),
+            "speedup_vs_fp32_pte": round(fp32_ms / pte_ms, 2), "lower_s": round(tl.seconds), "eval_s": round(te.seconds),
+            "load_avg": os.getloadavg()}
+
+
+class _Eager:
+    """A module behind ``.execute([x])``, so ``run_pte`` batches it as it batches a ``.pte`` method."""
+
+    def __init__(self, module) -> None:
+        self.module = module
+
+    def execute(self, inputs):
+        return [self.module(inputs[0])]
+
+
+def _weight_shapes(art) -> list[tuple[int, ...]]:
+    state = {**art.quantized_program.state_dict, **art.quantized_program.constants}
+    return [tuple(v.shape) for k, v in state.items() if k.endswith(".weight_codes")]
+
+
+@torch.no_grad()
+def static_output(args) -> None:
+    """What XNNPACK's static int8 linear (PT2E's static recipe) would add to vitqc's program: XNNPACK's static
+    linear needs an int8 output grid, so every quantized linear and patch GEMM gets one (per tensor, min-max over
+    the calibration images), simulated in torch on vitqc's own program; argmax agreement with the program as it is."""
+    import vitqc
+    from vitqc.calib.images import load_images
+    from vitqc.quant.modules import INT_LAYERS
+
+    require_shared()
+    torch.set_num_threads(args.threads)
+    module, pre, eval_dir, calib_dir, _ = load_reference_model(args.models)
+    calib = list(load_images(calib_dir, pre, args.calib_size, 0, quiet=True)[0].split(50))
+    test = decode_eval_set(eval_dir, pre, limit=args.limit, batch_size=250)
+    rows = []
+    for pipeline in args.pipelines.split(","):
+        gm = vitqc.compile(copy.deepcopy(module), pipeline, calib, quiet=True).quantized
+        layers = [(name, m) for name, m in gm.named_modules() if isinstance(m, INT_LAYERS)]
+        ranges: dict[str, tuple[float, float]] = {}
+
+        def observe(name):
+            def hook(m, inputs, out):
+                lo, hi = ranges.get(name, (0.0, 0.0))
+                ranges[name] = (min(lo, float(out.min())), max(hi, float(out.max())))
+            return hook
+
+        def int8_output(name):
+            lo, hi = ranges[name]
+            step = (hi - lo) / 255
+            zero = round(-lo / step) - 128
+            return lambda m, inputs, out: (torch.clamp(torch.round(out / step) + zero, -128, 127) - zero) * step
+
+        hooks = [m.register_forward_hook(observe(name)) for name, m in layers]
+        for c in calib:
+            gm(c)
+        for h in hooks:
+            h.remove()
+        refs = [gm(x).argmax(1) for x, _ in test]
+        hooks = [m.register_forward_hook(int8_output(name)) for name, m in layers]
+        n = agree = right = right_static = 0
+        for (x, y), ref in zip(test, refs):
+            got = gm(x).argmax(1)
+            n += len(y)
+            agree += int((got == ref).sum())
+            right += int((ref == y).sum())
+            right_static += int((got == y).sum())
+        for h in hooks:
+            h.remove()
+        row = {"model": args.models, "pipeline": pipeline, "layers": len(layers), "images": n,
+               "agreement_with_vitqc": agree / n, "top1_vitqc": right / n, "top1_static_output": right_static / n}
+        rows.append(row)
+        print(row, flush=True)
+        write_result(args.result, {"rows": rows, "cpu": cpu_model(), "threads": args.threads})
+
+
+def table(args) -> None:
+    from vitqc.backends.executorch import lower_executorch, save_pte
+    from vitqc.calib.images import load_images
+    from vitqc.pipeline import builtin_pipelines
+
+    require_shared()
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    cells = load_cells(args.result)
+    names = sorted(builtin_pipelines()) if args.pipelines == "all" else args.pipelines.split(",")
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__}
+    for model_name in args.models.split(","):
+        module, pre, eval_dir, calib_dir, _ = load_reference_model(model_name)
+        calib = list(load_images(calib_dir, pre, args.calib_size, 0, quiet=True)[0].split(50))
+        test = decode_eval_set(eval_dir, pre, limit=args.limit, batch_size=100)
+        sets = model_sets(args, model_name)
+        fp32_path = work / f"{model_name}-fp32-b{args.batch}.pte"
+        for pipeline in names:
+            key = f"{model_name}/{pipeline}"
+            if key in cells and not args.relower:
+                print(f"{key}: recorded earlier", flush=True)
+                continue
+            print(f"{key}", flush=True)
+            art_path, info = artifact_for(module, pre, calib, model_name, pipeline, sets, work)
+            if "compile_s" in cells.get(key, {}) and info["compile_s"] is None:
+                info["compile_s"] = cells[key]["compile_s"]  # compiled by an earlier run
+            if not fp32_path.exists():
+                save_pte(lower_executorch(art_path, fp32=True, batch=args.batch, announce=None), fp32_path)
+            cell = {"model": model_name, "pipeline": pipeline, **info, "calib_images": sum(len(c) for c in calib),
+                    **measure(art_path, fp32_path, module, test, args.batch, args.runs, work)}
+            cells[key] = cell
+            cells.update({k: v for k, v in load_cells(args.result).items() if k not in cells})
+            write_result(args.result, {"cells": cells, "machine": machine, "args": vars(args)})
+            print(f"  agreement {cell['agreement']:.2%} (floor {cell['floor_agreement']:.2%}), top-1 .pte "
+                  f"{cell['top1_pte']:.2%} / artifact {cell['top1_artifact']:.2%}, {cell['pte_bytes'] / 1e6:.2f} MB "
+                  f"({cell['pte_bytes_per_weight']:.2f} B/weight), x{cell['speedup_vs_fp32_pte']} vs fp32 .pte", flush=True)
+    print_table(cells)
+
+
+def print_table(cells: dict) -> None:
+    print("\n| model | pipeline | options | images | .pte vs artifact | float floor | top-1 .pte / artifact (FP) | "
+          "size MB (fp32) | B/weight (weights alone, est.) | ms .pte / fp32 .pte (batch) | speedup | exact |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for c in cells.values():
+        print(f"| {c['model']} | {c['pipeline']} | {', '.join(c['set']) or 'defaults'} | {c['images']} | "
+              f"{c['agreement']:.2%} | {c['floor_agreement']:.2%} | {c['top1_pte']:.2%} / {c['top1_artifact']:.2%} "
+              f"({c['top1_fp']:.2%}) | {c['pte_bytes'] / 1e6:.2f} ({c['fp32_pte_bytes'] / 1e6:.2f}) | "
+              f"{c['pte_bytes_per_weight']:.2f} ({c['weight_bytes_per_weight_est']:.2f}) | {c['pte_ms']} / {c['fp32_pte_ms']} ({c['batch']}) | "
+              f"x{c['speedup_vs_fp32_pte']} | {'yes' if c['exact'] else 'no'} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="vits14_cifar10")
-    ap.add_argument("--schemes", default="w8a8,w4a8")
-    ap.add_argument("--batch", type=int, default=1, help="static batch of both .pte programs")
-    ap.add_argument("--limit", type=int, default=None, help="test images (default: all)")
+    ap.add_argument("command", nargs="?", choices=["table", "static-output"],
+                    help="table: the faithfulness table; static-output: what an int8 output grid on every linear "
+                         "(XNNPACK's static int8 linear) would change (--models: one model)")
+    ap.add_argument("--models", default="vit_tiny_cifar10,vits14_cifar10")
+    ap.add_argument("--pipelines", default="all", help="all built-in pipelines, or a comma-separated list")
+    ap.add_argument("--limit", type=int, default=1000, help="test images (spread over the classes)")
+    ap.add_argument("--batch", type=int, default=8, help="static batch of the .pte programs")
     ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for the vitqc reference model")
-    ap.add_argument("--calib-size", type=int, default=256)
-    ap.add_argument("--tag", default="", help="results/executorch_pte[-TAG].json")
-    ap.add_argument("--latency-only", action="store_true", help="latency and size only, no agreement pass")
-    ap.add_argument("--attention", default="vitqc", choices=ATTENTION,
-                    help="attention matmuls on vitqc's codes, or in fp32 (lower_executorch's attention option)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (vitqc's compile and reference program)")
+    ap.add_argument("--calib-size", type=int, default=None, help="calibration images (default: all 1,000)")
+    ap.add_argument("--set", action="append", default=[], metavar="MODEL:PASS.OPTION=VALUE")
+    ap.add_argument("--work", default=str(DEFAULT_WORK), help="where artifacts and .pte files are kept")
+    ap.add_argument("--result", default="executorch_pte-table", help="benchmarks/results/NAME.json")
+    ap.add_argument("--relower", action="store_true", help="redo recorded cells from the kept artifacts")
     ap.add_argument("--time", nargs="+", metavar="PTE", help="only time these .pte files (ratios to the first)")
+    ap.add_argument("--tag", default="", help="--time: results/executorch_pte[-TAG].json")
     args = ap.parse_args()
     if args.time:
         return time_files(args.time, max(args.runs, 20), args.tag)
-    torch.set_num_threads(args.threads)
-    import vitqc
-    from vitqc.backends.executorch import float_program, load_pte, lower_executorch, run_pte, save_pte
-
-    module, calib, data = load_timing_model(args.model, args.calib_size)
-    latency_only = args.latency_only or data is None  # random-weight timm models have no eval set
-    if data is None:
-        test = [(torch.randn(args.batch, *calib[0].shape[1:], generator=torch.Generator().manual_seed(1)), None)]
-    else:
-        pre, eval_dir = data
-        test = decode_eval_set(eval_dir, pre, limit=args.batch if latency_only else args.limit, batch_size=100)
-    n_test = 0 if latency_only else sum(len(y) for _, y in test)
-    tmp = Path(tempfile.mkdtemp(prefix="vitqc-pte-"))
-    print(f".pte files go to {tmp}", flush=True)
-    rows = []
-    for scheme in args.schemes.split(","):
-        with Timer() as tc:
-            pipeline, options = SCHEMES[scheme]
-            gm = vitqc.compile(copy.deepcopy(module), pipeline, calib, quiet=True, **options).quantized
-        print(f"{args.model} {scheme}: compiled in {tc.seconds:.0f}s", flush=True)
-        with Timer() as tl:
-            fp32 = lower_executorch(gm, fp32=True, batch=args.batch, announce=None)
-            quant = lower_executorch(gm, batch=args.batch, attention=args.attention,
-                                     announce=lambda line: print(f"  {line}", flush=True))
-        fp32_path, q_path = save_pte(fp32, tmp / f"{scheme}-fp32.pte"), save_pte(quant, tmp / f"{scheme}.pte")
-        print(f"  lowered both in {tl.seconds:.0f}s: fp32 {fp32.delegates} delegate segments, "
-              f"quantized {quant.delegates}", flush=True)
-        fp32_m, q_m = load_pte(fp32_path), load_pte(q_path)
-        x = test[0][0][:args.batch].contiguous()
-        fp_ms, q_ms = latency(fp32_m, q_m, x, args.runs)
-        print(f"  latency batch {args.batch}: fp32 .pte {fp_ms:.1f} ms, quantized .pte {q_ms:.1f} ms (x{fp_ms / q_ms:.2f})", flush=True)
-        agree = agree_float = right_q = right_pte = right_fp = right_fp32pte = 0
-        float_gemm = None if latency_only else float_program(gm, attention=args.attention)[0]
-        with Timer() as te, torch.no_grad():
-            for xb, yb in ([] if latency_only else test):
-                ref = gm(xb).argmax(1)
-                agree_float += int((float_gemm(xb).argmax(1) == ref).sum())
-                got = run_pte(q_m, xb, batch=args.batch).argmax(1)
-                got_fp = run_pte(fp32_m, xb, batch=args.batch).argmax(1)
-                agree += int((got == ref).sum())
-                right_q += int((ref == yb).sum())
-                right_pte += int((got == yb).sum())
-                right_fp32pte += int((got_fp == yb).sum())
-                right_fp += int((module(xb).argmax(1) == yb).sum())
-        row = {"model": args.model, "scheme": scheme, "batch": args.batch, "attention": args.attention, "pipeline": SCHEMES[scheme][0], "options": SCHEMES[scheme][1], "substitution": quant.substitution,
-               "fp32_pte_bytes": fp32_path.stat().st_size, "pte_bytes": q_path.stat().st_size,
-               "size_ratio": q_path.stat().st_size / fp32_path.stat().st_size,
-               "fp32_pte_ms": round(fp_ms, 2), "pte_ms": round(q_ms, 2), "speedup": round(fp_ms / q_ms, 2),
-               "delegates_fp32": fp32.delegates, "delegates": quant.delegates, "portable_ops": quant.portable_ops,
-               "images": n_test}
-        if not latency_only:
-            row.update({"agreement_with_vitqc": agree / n_test, "agreement_float_gemm_with_vitqc": agree_float / n_test,
-                        "top1_vitqc": right_q / n_test, "top1_pte": right_pte / n_test,
-                        "top1_fp32_pte": right_fp32pte / n_test, "top1_fp32_eager": right_fp / n_test,
-                        "eval_seconds": round(te.seconds)})
-        rows.append(row)
-        print(f"  {row}", flush=True)
-        write_result("executorch_pte", {"rows": rows, "args": vars(args), "cores": os.cpu_count(),
-                                        "load_avg": os.getloadavg()}, args.tag)
-    print("\n| model | batch | scheme | .pte ms (fp32 .pte ms) | speedup | size MB (fp32 MB) | size ratio | delegates | "
-          "agreement with vitqc | vitqc with float GEMMs vs vitqc | top-1 .pte / vitqc / fp32 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        quality = "– | – | –" if latency_only else (
-            f"{r['agreement_with_vitqc']:.2%} ({r['images']} images) | {r['agreement_float_gemm_with_vitqc']:.2%} | "
-            f"{r['top1_pte']:.2%} / {r['top1_vitqc']:.2%} / {r['top1_fp32_eager']:.2%}")
-        print(f"| {r['model']} | {r['batch']} | {r['scheme']} | {r['pte_ms']} ({r['fp32_pte_ms']}) | {r['speedup']} | "
-              f"{r['pte_bytes'] / 1e6:.2f} ({r['fp32_pte_bytes'] / 1e6:.2f}) | {r['size_ratio']:.2f} | {r['delegates']} | "
-              f"{quality} |")
+    if args.command is None:
+        ap.error("give a command (table, static-output) or --time")
+    (table if args.command == "table" else static_output)(args)
 
 
 if __name__ == "__main__":

@@ -47,3 +47,26 @@ def test_packed_export_writes_a_loadable_program(artifact, tmp_path, capsys):
     with torch.no_grad():
         ref, got = gm(x), load_packed(target).module()(x)
     assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-3
+
+
+def test_executorch_export_exact_or_refused(artifact, tmp_path, capsys):
+    """--exact lowers what XNNPACK computes exactly and refuses a substitution in one line, writing nothing."""
+    pytest.importorskip("executorch")
+    path, gm = artifact
+    target = tmp_path / "tiny.pte"
+    code, out, err = run(["export", path, "--backend", "executorch", "--exact", "--attention", "fp32", "--out", target],
+                         capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: no exact XNNPACK form for: attention")
+    assert not target.exists()
+    code, out, _ = run(["export", path, "--backend", "executorch", "--exact", "--batch", "2", "--out", target], capsys)
+    assert code == 0, out
+    assert "(minmax-w4a8) -> XNNPACK W4/8A8" in out and "exact up to float rounding" in out
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.pte"]
+    from vitqc.backends.executorch import load_pte, run_pte
+
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        ref = gm(x)
+    got = run_pte(load_pte(target), x, batch=2)
+    assert torch.equal(got.argmax(1), ref.argmax(1)) and float((got - ref).abs().max() / ref.abs().max()) < 1e-5

@@ -5,7 +5,9 @@ runs its integers. Each registers with :func:`register_backend` (or the ``vitqc.
 * :mod:`vitqc.backends.packing`: dense bit packing (2..8-bit fields, ternary at 2 bits or 5 trits a byte).
 * :mod:`vitqc.backends.packed` (``packed``): integer kernels over packed weights (``torch._int_mm`` int8 GEMM,
   zero points folded, static or per-token activation scales), saved as a vitqc archive (JSON + safetensors).
-* :mod:`vitqc.backends.executorch` (``executorch``): PT2E + XNNPACK ``.pte`` with vitqc's weight codes/scales.
+* :mod:`vitqc.backends.executorch` (``executorch``): PT2E + XNNPACK ``.pte`` on vitqc's weight codes and activation
+  grids (:mod:`vitqc.backends.xnnpack_act`: how each grid reaches XNNPACK's int8 linears;
+  :mod:`vitqc.backends.xnnpack_rewrite`: graph rewrites that keep the model inside XNNPACK's delegates).
 
 Both start from the quantized ``torch.export`` program (the artifact's, or an export of the graph) and find each
 layer by its stored tensors and module path (:mod:`vitqc.backends.program`). Modules are imported on use

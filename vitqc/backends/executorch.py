@@ -1,38 +1,35 @@
-"""ExecuTorch lowering: vitqc's quantized program -> PT2E (XNNPACK dynamic int8) -> ``.pte``.
+"""ExecuTorch lowering: vitqc's quantized program -> PT2E (XNNPACK int8 linears) -> ``.pte``, on vitqc's own grids.
 
-What XNNPACK can run: linear layers with int8 activations quantized *dynamically* (XNNPACK computes an
-asymmetric range per row at run time) and symmetric per-channel weights of 8 bits (qc8w) or 4 bits (qc4w).
-Static activation ranges would need an output quantizer on every linear (XNNPACK's static int8 linear has an
-int8 output), which vitqc's graphs do not have. So the program keeps vitqc's own activation quantizers:
+What runs where:
 
-* weights: vitqc's integer codes and per-channel scales are kept exactly (a fixed-qparams observer hands
-  PT2E the artifact's scales; the FP weight it quantizes is the artifact's dequantized weight, so
-  ``round(w/s)`` gives back the codes). Codes of 2-4 bits and ternary codes fit int4 [-8, 7] exactly and go
-  as qc4w; 5-8 bits as qc8w. Asymmetric weights cannot be expressed (XNNPACK weights are symmetric) and are
-  re-quantized symmetric 8-bit per channel from the dequantized weight (a min-max observer).
-* activations: each linear's input goes through vitqc's quantizer, computed in fp32 with the same float ops
-  (:class:`QuantizedInput`), and XNNPACK's dynamic int8 then quantizes those values again. For per-token
-  asymmetric grids of 255 / k steps (A8, A4, A2) that second quantization is exact, so the linear computes
-  vitqc's integer GEMM (see :func:`_device_act`); per-token A8 is XNNPACK's own grid, so there vitqc's
-  rounding is skipped and only its clip is kept (:class:`ClippedInput`); other grids (A3, A6, static
-  per-tensor) are re-rounded to XNNPACK's per-row 8-bit grid. Attention matmuls run as vitqc's program
-  computes them (codes and GEMM in fp32, exact below 2^24), or in plain fp32 with ``attention="fp32"``;
-  softmax, LayerNorm and GELU run in fp32. The patch-embedding conv runs in fp32 on vitqc's dequantized codes
-  and weights. LayerNorm, attention's batched matmuls and the quantizers' row min/max and rounding are
-  rewritten into ops XNNPACK takes (:func:`xnnpack_supported_ops`), so they run inside the delegates rather
-  than on portable kernels between them.
+* weights: vitqc's integer codes and per-channel scales, kept exactly. A fixed-qparams observer hands PT2E the
+  artifact's scales; the float weight it quantizes is the artifact's dequantized weight, so ``round(w / s)``
+  gives back the codes. Codes (centred on their zero point) that fit int4 [-8, 7] go as XNNPACK's packed qc4w
+  (two a byte: 2-4-bit and ternary codes), others that fit int8 as qc8w. Only codes that fit neither (8-bit
+  asymmetric weights with a zero point far from the middle) are re-quantized symmetric 8-bit: not exact.
+* activations: each quantized linear takes its input on vitqc's grid through XNNPACK's dynamic int8, with two
+  anchor columns that pin XNNPACK's per-row grid to vitqc's step and zero point
+  (:mod:`vitqc.backends.xnnpack_act`): static per-tensor A8 / A6 / A4 / A3 and every per-token grid give
+  vitqc's codes and its exact integer GEMM; the patch embedding runs as patches x the same int8 GEMM, as
+  vitqc's ``IntConv2d`` does. Weight-only layers (no input quantizer) stay float linears on the dequantized
+  weight, as vitqc computes them.
+* attention matmuls run as vitqc's program computes them (codes and GEMM in fp32, exact below 2^24), or in
+  plain fp32 with ``attention="fp32"`` (not exact: vitqc's codes dropped there); softmax, LayerNorm, GELU and
+  the rescale after each integer GEMM run in fp32, so results agree with vitqc's up to float rounding. LayerNorm,
+  attention's batched matmuls and the quantizers' row min/max and rounding are rewritten into ops XNNPACK takes
+  (:func:`vitqc.backends.xnnpack_rewrite.xnnpack_supported_ops`), so they run inside the delegates rather than on
+  portable kernels between them.
 
-:func:`describe_substitution` states this in one line before lowering; ``lower_executorch`` returns the
-delegate count and the per-layer mapping, and the caller re-measures accuracy of what was lowered
-(``run_pte`` runs a ``.pte`` with ``executorch.runtime``).
+Whatever has no exact XNNPACK form is listed by :func:`inexact_parts`; ``lower_executorch(..., exact=True)``
+refuses it in one line, otherwise its cost is measured (:func:`measure_substitution`) and said with the rest in
+one line (:func:`describe_substitution`) before lowering. ``run_pte`` runs a ``.pte`` with ``executorch.runtime``.
 
 One code path: like the packed backend, it starts from the quantized ``torch.export`` program (an artifact's,
 or ``export_program`` of a materialized GraphModule), replaces each integer layer by a float layer with the
-dequantized weight and bypasses activation quantizers, then annotates those layers for PT2E.
+dequantized weight behind the modules above, then annotates those layers for PT2E.
 """
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,13 +39,15 @@ import torch
 from torch import Tensor, fx, nn
 
 from vitqc.backends import register_backend
-from vitqc.backends.program import (ActBuffers, ActQuant, Unsupported, act_quant, finish, integer_layers,
-                                   modules_by_type, regions_of)
+from vitqc.backends.program import Unsupported, act_quant, codes_matmul, finish, fold_constants, integer_layers, \
+    modules_by_type, regions_of
+from vitqc.backends.xnnpack_act import ANCHORS, AnchoredInput, ClippedInput, PatchGemm, QuantizedInput, \
+    StaticInt8Linear, device_act, padded_linear
+from vitqc.backends.xnnpack_rewrite import xnnpack_supported_ops
 from vitqc.errors import VitqcError
-from vitqc.quant.intops import token_range
 
-__all__ = ["PteResult", "lower_executorch", "describe_substitution", "float_program", "xnnpack_supported_ops",
-           "save_pte", "load_pte", "run_pte", "count_delegates"]
+__all__ = ["PteResult", "lower_executorch", "describe_substitution", "inexact_parts", "measure_substitution",
+           "float_program", "save_pte", "load_pte", "run_pte", "count_delegates", "ATTENTION"]
 
 
 @dataclass
@@ -60,59 +59,7 @@ class _LayerPlan:
     scale: Tensor | None  # per-channel weight scale handed to PT2E (None: observer computes it)
     qmin: int
     qmax: int
-    device_act: str = "fp32"  # how vitqc's input quantizer runs on device (see _device_act)
-
-
-class QuantizedInput(nn.Module):
-    """``layer(dequantize(vitqc's activation codes of x))``: vitqc's input quantizer, computed with the same
-    float ops (:func:`vitqc.quant.intops.act_codes`), in front of the float layer that PT2E then quantizes."""
-
-    def __init__(self, act: ActQuant, layer: nn.Module) -> None:
-        super().__init__()
-        self.act, self.layer = ActBuffers(act), layer
-
-    def forward(self, x: Tensor) -> Tensor:
-        q, s, z = self.act.codes(x)
-        return self.layer((q - z) * s)
-
-
-class ClippedInput(nn.Module):
-    """``layer(x clipped to vitqc's per-token range)``, for per-token asymmetric A8 with clip ratio <= 1 (see
-    :func:`_device_act`, "xnnpack-grid"): each clipped row reaches both ends of vitqc's range, so XNNPACK's
-    dynamic int8 of it has vitqc's step and zero point, and vitqc's own rounding (several float ops per element)
-    need not run first. With ratio 1 the clip changes nothing and is left out."""
-
-    def __init__(self, act: ActQuant, layer: nn.Module) -> None:
-        super().__init__()
-        assert act.clip_ratio is not None
-        self.layer, self.ratio = layer, float(act.clip_ratio)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.ratio == 1.0:
-            return self.layer(x)
-        lo, hi = token_range(x)
-        return self.layer(torch.minimum(torch.maximum(x, lo * self.ratio), hi * self.ratio))
-
-
-def _device_act(act: ActQuant | None) -> str:
-    """How XNNPACK's dynamic int8 (per row: asymmetric, range including 0) takes vitqc's dequantized codes.
-
-    Per token on an asymmetric grid with clip ratio <= 1, vitqc's codes span the whole grid in every row (the
-    clip saturates both ends; a row without negatives has zero point qmin and XNNPACK's range starts at 0
-    too), so XNNPACK's row range is exactly the grid's
-    and its step is vitqc's step * (qmax - qmin) / 255. When the number of steps divides 255 (A8, A4, A2),
-    XNNPACK's codes are vitqc's codes times 255 / (qmax - qmin) plus a constant, and the integer GEMM gives
-    vitqc's result up to float rounding: "exact". For A8 (255 steps) XNNPACK's own rounding of the clipped
-    row already gives vitqc's codes, so vitqc's quantizer is not computed at all: "xnnpack-grid" (same range,
-    step and zero-point formula; only the float rounding of the step, and ties, may differ). Otherwise (A3,
-    A6, per-tensor grids, whose rows need not reach both ends, symmetric grids, ratios above 1) XNNPACK rounds
-    vitqc's values again to its own 8-bit grid: "re-quantized"."""
-    if act is None:
-        return "fp32"
-    steps = act.qmax - act.qmin
-    if act.granularity == "token" and not act.symmetric and float(act.clip_ratio) <= 1 and 255 % steps == 0:
-        return "xnnpack-grid" if steps == 255 else "exact"
-    return "re-quantized"
+    device_act: str = "fp32"  # see vitqc.backends.xnnpack_act.device_act; "fp32-conv": vitqc's codes, float conv
 
 
 @dataclass
@@ -123,10 +70,13 @@ class PteResult:
     substitution: str
     fp32: bool
     portable_ops: dict[str, int]  # ops left outside the XNNPACK delegates (run on portable kernels), by name
+    exact: bool = True  # no scheme substitution (float rounding aside); see inexact_parts
+    cost: dict[str, Any] | None = None  # what the substitution was measured to cost (measure_substitution)
 
     def summary(self) -> dict[str, Any]:
         return {"delegate_segments": self.delegates, "bytes": len(self.buffer), "substitution": self.substitution,
-                "portable_ops": self.portable_ops, "layers": self.layers, "fp32": self.fp32}
+                "exact": self.exact, "substitution_cost": self.cost, "portable_ops": self.portable_ops,
+                "layers": self.layers, "fp32": self.fp32}
 
 
 # ----------------------------------------------------------------------------------------------- the float graph
@@ -136,13 +86,15 @@ ATTENTION = ("vitqc", "fp32")
 
 def float_program(source: Any, example: Tensor | None = None, *, activations: bool = True,
                   attention: str = "vitqc") -> tuple[fx.GraphModule, list[_LayerPlan], Tensor, dict]:
-    """The quantized program with every integer layer replaced by a float layer holding the dequantized
-    weight, behind vitqc's input quantizer (:class:`QuantizedInput`); plus the plan for each weight layer.
-    ``activations=False`` drops every activation quantizer instead (attention matmuls become float matmuls of
-    their inputs): the float model with vitqc's weights, the baseline a quantized ``.pte`` is timed against.
-    ``attention="fp32"`` drops only the attention matmuls' quantizers: XNNPACK has no integer batched matmul, so
-    vitqc's codes there are computed by ~30 float ops per operand, which cost as much as every int8 linear of
-    the model together (vits14 W8A8 per token: 31 vs 17 ms); the float matmul is the cheaper substitute."""
+    """The quantized program with every integer layer replaced by a float layer holding the dequantized weight,
+    behind the module that hands XNNPACK vitqc's activation grid (:mod:`vitqc.backends.xnnpack_act`); plus the
+    plan for each weight layer. Run eagerly it is vitqc's program with float GEMMs where inputs go as vitqc's codes
+    (static per-tensor layers, the attention matmuls); anchored and clipped layers leave the rounding to XNNPACK's
+    dynamic quantization, so eagerly they see unrounded inputs. ``activations=False`` drops every activation quantizer instead (attention matmuls
+    become float matmuls of their inputs): the float model with vitqc's weights, the baseline a quantized ``.pte``
+    is timed against. ``attention="fp32"`` drops only the attention matmuls' quantizers: XNNPACK has no integer
+    batched matmul, so vitqc's codes there are computed by float ops, which cost more than a float matmul
+    (benchmarks/results/executorch_pte-token-fp32attn.json)."""
     if attention not in ATTENTION:
         raise VitqcError(f"attention={attention!r}: use one of {', '.join(ATTENTION)}")
     program, bits_hint, example, manifest, state, gm, weight_paths, quant_paths, regions = integer_layers(source, example)
@@ -159,39 +111,75 @@ def float_program(source: Any, example: Tensor | None = None, *, activations: bo
         zp = state[f"{path}.weight_zero_point"].float()
         weight = (codes.float() - zp) * scale
         bias = state.get(f"{path}.bias")
-        act = _describe_act(region)
         try:
             act_q = act_quant(state, f"{path}.input_quantizer", region) if activations else None
         except Unsupported as why:
             raise VitqcError(f"{path}: cannot lower its activation quantizer ({why})") from None
-        if codes.dim() == 2:
-            layer: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-            plans.append(_plan(path, codes, scale.reshape(-1), zp, bits_hint.get(path), act))
+        n = weight.shape[0]
+        symmetric = not bool((zp != 0).any())
+        how = device_act(act_q, symmetric)
+        convs = region.find(torch.ops.aten.conv2d.default)
+        if codes.dim() == 2 or (codes.dim() == 4 and not convs and act_q is not None):
+            # a linear, or a patchify conv (vitqc ran it as patches x integer GEMM: no conv node in its region)
+            flat, flat_codes = weight.reshape(n, -1), codes.reshape(n, -1)
+            if how == "static-int8":
+                layer: nn.Module = StaticInt8Linear(act_q, flat_codes, scale.reshape(-1),
+                                                    state[f"{path}.gemm_weight_sum"], bias)
+                plan_scale = layer.out_scale
+            else:
+                extra = ANCHORS if how == "anchored" else 0
+                linear = padded_linear(flat, bias, extra)
+                wrap = {"anchored": AnchoredInput, "xnnpack-grid": ClippedInput}.get(how)
+                layer = wrap(act_q, linear) if wrap else linear
+                plan_scale = scale.reshape(-1)
+            k = flat.shape[1] + (ANCHORS if how in ("static-int8", "anchored") else 0)
+            plans.append(_plan(path, flat_codes, plan_scale, zp.reshape(-1), bits_hint.get(path), _describe_act(region),
+                               how, k))
+            if codes.dim() == 4:
+                layer = PatchGemm(layer, tuple(codes.shape[2:]), n)
         else:
-            convs = region.find(torch.ops.aten.conv2d.default)
-            if len(convs) > 1:
-                raise VitqcError(f"{path}: conv region with {len(convs)} aten.conv2d nodes")
-            # no conv node: vitqc ran this patchify conv (stride == kernel) as patches x integer GEMM
-            args = list(convs[0].args) + [None] * 7 if convs else [None, None, None, tuple(weight.shape[2:])] + [None] * 7
-            layer = nn.Conv2d(weight.shape[1] * (args[6] or 1), weight.shape[0], tuple(weight.shape[2:]),
-                              stride=tuple(args[3] or (1, 1)), padding=tuple(args[4] or (0, 0)),
-                              dilation=tuple(args[5] or (1, 1)), groups=args[6] or 1, bias=bias is not None)
-            plans.append(_LayerPlan(path, bits_hint.get(path), act, "fp32", None, 0, 0))
-        with torch.no_grad():
-            layer.weight.copy_(weight)
-            if bias is not None:
-                layer.bias.copy_(bias)
-        # the patch conv runs in fp32 on vitqc's dequantized codes: nothing is re-quantized there
-        plans[-1].device_act = _device_act(act_q) if codes.dim() == 2 or act_q is None else "exact"
-        if act_q is not None:
-            layer = (ClippedInput if plans[-1].device_act == "xnnpack-grid" else QuantizedInput)(act_q, layer)
-        _swap(gm, region, inputs[0], outputs[0], path, layer)
+            layer = _float_conv(path, convs, weight, bias)
+            plans.append(_LayerPlan(path, bits_hint.get(path), _describe_act(region), "fp32", None, 0, 0,
+                                    "fp32" if act_q is None else "fp32-conv"))
+            if act_q is not None:
+                layer = QuantizedInput(act_q, layer)
+        _swap(gm, inputs[:1], outputs[0], path, layer)
     if not activations:
         _drop_activation_quantizers(gm, weight_paths, quant_paths, regions)
     elif attention == "fp32":
         _float_attention_matmuls(gm)
+    else:
+        _codes_matmuls(gm, state)
     finish(gm)
     return gm, plans, example, manifest
+
+
+def _float_conv(path: str, convs: list[fx.Node], weight: Tensor, bias: Tensor | None) -> nn.Conv2d:
+    """A float conv with the dequantized weight, its geometry read from the region's conv node (none: the
+    patchify conv of a weight-only or float baseline layer, stride == kernel)."""
+    if len(convs) > 1:
+        raise VitqcError(f"{path}: conv region with {len(convs)} aten.conv2d nodes")
+    args = list(convs[0].args) + [None] * 7 if convs else [None, None, None, tuple(weight.shape[2:])] + [None] * 7
+    layer = nn.Conv2d(weight.shape[1] * (args[6] or 1), weight.shape[0], tuple(weight.shape[2:]),
+                      stride=tuple(args[3] or (1, 1)), padding=tuple(args[4] or (0, 0)),
+                      dilation=tuple(args[5] or (1, 1)), groups=args[6] or 1, bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def _codes_matmuls(gm: fx.GraphModule, state: dict[str, Tensor]) -> None:
+    """Attention matmuls as :class:`vitqc.backends.program.CodesMatmul` (the same integers in fewer ops); one that
+    is not the usual two-operand form is left as the program computes it."""
+    matmul_paths = [p for p, _ in modules_by_type(gm, ("IntMatmul",))]
+    for path, region in regions_of(gm, matmul_paths).items():
+        try:
+            module, inputs, output = codes_matmul(state, region, path)
+        except Unsupported:
+            continue
+        _swap(gm, inputs, output, path, module)
 
 
 def _float_attention_matmuls(gm: fx.GraphModule) -> list[str]:
@@ -232,57 +220,107 @@ def _describe_act(region) -> str:
     return f"A{(hi - lo + 1).bit_length() - 1}"
 
 
-def _plan(path: str, codes: Tensor, scale: Tensor, zp: Tensor, bits: float | None, act: str) -> _LayerPlan:
-    lo, hi = int(codes.min()), int(codes.max())
-    if bool((zp != 0).any()) or codes.dtype == torch.uint8:
-        return _LayerPlan(path, bits, act, "qc8w-requantized", None, -127, 127)
-    if -8 <= lo and hi <= 7 and codes.shape[1] % 2 == 0:  # XNNPACK packs int4 pairs along the input dim
-        return _LayerPlan(path, bits, act, "qc4w", scale, -8, 7)
-    return _LayerPlan(path, bits, act, "qc8w", scale, -128, 127)
+def _plan(path: str, codes: Tensor, scale: Tensor, zp: Tensor, bits: float | None, act: str, how: str,
+          k: int) -> _LayerPlan:
+    """How XNNPACK holds a weight [N, K] (``k``: its input width on the device, anchors included): vitqc's codes
+    centred on their zero point, as packed int4 (qc4w; XNNPACK packs pairs along K, so K must be even) or int8
+    (qc8w); symmetric per-channel scales, as XNNPACK's weights are. A weight-only layer stays float."""
+    if how == "fp32":
+        return _LayerPlan(path, bits, act, "fp32", None, 0, 0, how)
+    centred = codes.to(torch.int32) - zp.reshape(-1, 1).round().to(torch.int32)
+    lo, hi = int(centred.min()), int(centred.max())
+    if -8 <= lo and hi <= 7 and k % 2 == 0:
+        return _LayerPlan(path, bits, act, "qc4w", scale, -8, 7, how)
+    if -128 <= lo and hi <= 127:
+        return _LayerPlan(path, bits, act, "qc8w", scale, -128, 127, how)
+    return _LayerPlan(path, bits, act, "qc8w-requantized", None, -127, 127, how)
 
 
-def _swap(gm: fx.GraphModule, region, x: fx.Node, out: fx.Node, path: str, layer: nn.Module) -> None:
+def _swap(gm: fx.GraphModule, inputs: list[fx.Node], out: fx.Node, path: str, layer: nn.Module) -> None:
     gm.meta.setdefault("vitqc_pending", []).append((path, layer))
     with gm.graph.inserting_before(out):
         # the holder module at `path` is replaced in finish; call it by path (fx checks the target lazily)
-        new = gm.graph.create_node("call_module", path, (x,))
+        new = gm.graph.create_node("call_module", path, tuple(inputs))
     new.meta["val"] = out.meta.get("val")
     out.replace_all_uses_with(new)
 
 
+def inexact_parts(plans: list[_LayerPlan], attention: str = "vitqc") -> list[str]:
+    """What of vitqc's scheme the ``.pte`` would not compute exactly (float rounding aside), one phrase each."""
+    parts = []
+    requantized = [p.path for p in plans if p.device_weight == "qc8w-requantized"]
+    if requantized:
+        parts.append(f"{len(requantized)} layers' weight codes do not fit int8 around their zero point "
+                     f"({requantized[0]}{', ...' if len(requantized) > 1 else ''}): re-quantized symmetric 8-bit")
+    if attention == "fp32":
+        parts.append("attention matmuls in fp32 instead of on vitqc's codes (attention='fp32')")
+    return parts
+
+
 def describe_substitution(plans: list[_LayerPlan], manifest: dict[str, Any] | None = None,
-                          attention: str = "vitqc") -> str:
-    """One line: vitqc's scheme -> what XNNPACK will run."""
+                          attention: str = "vitqc", cost: dict[str, Any] | None = None) -> str:
+    """One line: vitqc's scheme -> what XNNPACK will run, what is exact, and what is not (with ``cost``, the
+    measurement of :func:`measure_substitution`)."""
     def fmt_bits(b: float | None) -> str:
         return "?" if b is None else ("1.58" if float(b) == 1.58 else f"{float(b):g}")
 
     linear = [p for p in plans if p.device_weight != "fp32"]
-    src_w = sorted({fmt_bits(p.source_bits) for p in linear})
-    src_a = sorted({p.act[1:] for p in linear if p.act != "fp"})
-    dev_w = sorted({ {"qc4w": "4", "qc8w": "8", "qc8w-requantized": "8"}[p.device_weight] for p in linear})
-    name = (manifest or {}).get("pipeline", {}).get("name") if isinstance((manifest or {}).get("pipeline"), dict) else None
-    src = f"W{'/'.join(src_w)}A{'/'.join(src_a) or 'fp'}"
-    dev = f"W{'/'.join(dev_w)}A8"
-    notes = []
-    if any(p.device_weight == "qc8w-requantized" for p in linear):
-        notes.append("asymmetric weights re-quantized symmetric 8-bit")
-    if any(p.source_bits is not None and float(p.source_bits) in (1.58, 2, 3) for p in linear):
-        notes.append("ternary/2/3-bit codes stored exactly as int4")
-    quantized = [p for p in plans if p.device_act != "fp32"]
-    own_grid = [p for p in quantized if p.device_act == "xnnpack-grid"]
-    inexact = [p for p in quantized if p.device_act not in ("exact", "xnnpack-grid")]
-    if own_grid:
-        notes.append(f"{len(own_grid)} of {len(quantized)} layers' per-token A8 rounded by XNNPACK's dynamic int8 "
-                     "itself (the same grid)")
-    if len(own_grid) < len(quantized) and not inexact:
-        notes.append("vitqc's activation codes computed in fp32 and taken exactly by XNNPACK's dynamic int8")
-    elif inexact:
-        notes.append(f"vitqc's activation codes computed in fp32, re-quantized by XNNPACK's dynamic int8 per row "
-                     f"({len(inexact)} of {len(quantized)} layers not exactly: static or non-255-dividing grids)")
-    attn = "attention matmuls in fp32 instead of vitqc's quantized ones" if attention == "fp32" \
-        else "attention matmuls on vitqc's codes"
-    notes.append(f"{attn}, softmax and the patch conv in fp32")
-    return f"vitqc {src}{f' ({name})' if name else ''} -> XNNPACK {dev}: " + "; ".join(notes)
+    src_w = sorted({fmt_bits(p.source_bits) for p in plans})
+    src_a = sorted({p.act[1:] for p in plans if p.act != "fp"})
+    dev_w = sorted({{"qc4w": "4", "qc8w": "8", "qc8w-requantized": "8"}[p.device_weight] for p in linear})
+    pipeline = (manifest or {}).get("pipeline")
+    name = pipeline.get("name") if isinstance(pipeline, dict) else None
+    head = f"vitqc W{'/'.join(src_w)}A{'/'.join(src_a) or 'fp'}{f' ({name})' if name else ''} -> " \
+           f"XNNPACK W{'/'.join(dev_w) or 'fp32'}A8"
+    on_grid = [p for p in plans if p.device_act in ("static-int8", "anchored", "xnnpack-grid")]
+    notes = [f"{len(on_grid)} of {len(plans)} weight layers as int8 GEMMs on vitqc's codes and activation grids "
+             "(XNNPACK's dynamic int8 pinned to them)"]
+    if any(p.device_weight == "qc4w" for p in linear):
+        notes.append("weights of up to 4 bits packed as int4")
+    float_layers = [p for p in plans if p.device_act in ("fp32", "fp32-conv")]
+    if float_layers:
+        notes.append(f"{len(float_layers)} in fp32 on vitqc's dequantized weights ({float_layers[0].path}"
+                     f"{', ...' if len(float_layers) > 1 else ''}: weight-only or not a patchify conv)")
+    if attention == "vitqc":
+        notes.append("attention matmuls on vitqc's codes")
+    notes.append("LayerNorm, softmax, GELU and the rescales in fp32")
+    inexact = inexact_parts(plans, attention)
+    if inexact:
+        measured = "" if cost is None else (
+            f" (measured with and without it on {cost['images']} {cost['inputs']}: argmax agreement "
+            f"{cost['agreement']:.1%}, logit SQNR {cost['sqnr_db']:.1f} dB)")
+        notes.append("NOT exact: " + "; ".join(inexact) + measured)
+    else:
+        notes.append("exact up to float rounding")
+    return f"{head}: " + "; ".join(notes)
+
+
+def measure_substitution(source: Any, plans: list[_LayerPlan], example: Tensor, attention: str = "vitqc",
+                         inputs: Tensor | None = None, count: int = 8) -> dict[str, Any]:
+    """What the substitutions of :func:`inexact_parts` cost: the float program (:func:`float_program`, run
+    eagerly) with them against the same program without them (vitqc's attention quantizers; vitqc's own weights
+    where XNNPACK re-quantizes them), on ``inputs`` (images the caller has, e.g. calibration images) or, without
+    them, on ``count`` random-normal inputs of the example's shape (not images: said in the result). Both run the
+    same float kernels, so the difference is the substitution's alone."""
+    if inputs is None:
+        inputs = torch.randn(count, *example.shape[1:], generator=torch.Generator().manual_seed(0))
+        kind = "random-normal inputs (no images given)"
+    else:
+        kind = "given inputs"
+    reference = float_program(source, example)[0]
+    substituted = float_program(source, example, attention=attention)[0]
+    for plan in plans:
+        if plan.device_weight == "qc8w-requantized":  # what PT2E's symmetric min-max observer will make of it
+            linear = next(m for m in substituted.get_submodule(plan.path).modules() if isinstance(m, nn.Linear))
+            with torch.no_grad():
+                step = linear.weight.abs().amax(1, keepdim=True).clamp_min(2 ** -12) / 127
+                linear.weight.copy_(torch.round(linear.weight / step) * step)
+    with torch.no_grad():
+        ref = torch.cat([reference(x) for x in inputs.split(8)])
+        got = torch.cat([substituted(x) for x in inputs.split(8)])
+    noise = (got - ref).pow(2).sum().clamp_min(1e-30)
+    return {"images": len(inputs), "inputs": kind, "agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+            "sqnr_db": float(10 * torch.log10(ref.pow(2).sum() / noise))}
 
 
 # ----------------------------------------------------------------------------------------------- PT2E + lowering
@@ -348,12 +386,17 @@ def _export(module: nn.Module, example: Tensor, dynamic: bool) -> torch.export.E
 
 
 def lower_executorch(source: Any, example: Tensor | None = None, *, fp32: bool = False, batch: int = 1,
-                     attention: str = "vitqc", announce: Any = print) -> PteResult:
-    """Lower to an XNNPACK ``.pte`` (bytes in the result). ``fp32=True`` lowers the float model with vitqc's
-    dequantized weights and no quantization at all (the baseline). ``batch``: the static batch size of the
-    program. ``attention``: "vitqc" computes the attention matmuls on vitqc's codes, "fp32" runs them in float
-    (faster; see :func:`float_program`). ``announce`` receives the one-line scheme substitution before lowering
-    (``None``: silent)."""
+                     attention: str = "vitqc", exact: bool = False,
+                     check_inputs: Tensor | None = None, announce: Any = print) -> PteResult:
+    """Lower an artifact (or its path), a materialized GraphModule or an ExportedProgram to an XNNPACK ``.pte``
+    (bytes in the result).
+
+    ``fp32=True`` lowers the float model with vitqc's dequantized weights and no quantization (the baseline).
+    ``batch``: the static batch size of the program. ``attention``: "vitqc" computes the attention matmuls on
+    vitqc's codes, "fp32" in float (faster, not exact). ``exact=True`` refuses, in one line
+    (``VitqcError``), any part of the scheme without an exact XNNPACK form (:func:`inexact_parts`); otherwise such a
+    substitution is measured first (:func:`measure_substitution`, on ``check_inputs`` when given). ``announce``
+    receives the one-line description before lowering (``None``: silent)."""
     try:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
@@ -361,130 +404,32 @@ def lower_executorch(source: Any, example: Tensor | None = None, *, fp32: bool =
     except ImportError as exc:
         raise VitqcError(f"the executorch backend needs executorch and torchao ({exc.name} is missing)") from None
     gm, plans, example, manifest = float_program(source, example, activations=not fp32, attention=attention)
-    example = example[:1].expand(batch, *example.shape[1:]).contiguous()
-    substitution = "fp32 baseline: no quantization" if fp32 else describe_substitution(plans, manifest, attention)
+    inexact = [] if fp32 else inexact_parts(plans, attention)
+    if inexact and exact:
+        raise VitqcError(f"no exact XNNPACK form for: {'; '.join(inexact)} (lower without --exact / exact=True "
+                         "to accept this substitution)")
+    cost = measure_substitution(source, plans, example, attention, check_inputs) if inexact else None
+    substitution = "fp32 baseline: no quantization" if fp32 else describe_substitution(plans, manifest, attention, cost)
     if announce is not None:
         announce(substitution)
+    example = example[:1].expand(batch, *example.shape[1:]).contiguous()
     with torch.no_grad():
-        graph = xnnpack_supported_ops(_export(gm, example, dynamic=False).module())
+        graph = fold_constants(xnnpack_supported_ops(_export(gm, example, dynamic=False).module()))
         if fp32:
             program = _export(graph, example, dynamic=False)
         else:
-            quantizer = _quantizer(plans)
-            prepared = prepare_pt2e(graph, quantizer)
+            prepared = prepare_pt2e(graph, _quantizer(plans))
             prepared(example)  # observers: fixed or weight min-max; dynamic activations need no calibration
-            converted = convert_pt2e(prepared)
-            program = _export(converted, example, dynamic=False)
+            program = _export(convert_pt2e(prepared), example, dynamic=False)
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
         delegates = count_delegates(edge.exported_program().graph_module)
         portable = _portable_ops(edge.exported_program().graph_module)
         et = edge.to_executorch()
     layers = [{"path": p.path, "vitqc_weight_bits": p.source_bits, "vitqc_act": p.act,
-               "device": "fp32" if fp32 else p.device_weight + ("" if p.device_weight == "fp32" else "+dynA8"),
+               "device": "fp32" if fp32 or p.device_weight == "fp32" else p.device_weight + "+dynA8",
                "activation": "fp32" if fp32 else p.device_act}
               for p in plans]
-    return PteResult(bytes(et.buffer), delegates, layers, substitution, fp32, portable)
-
-
-def xnnpack_supported_ops(gm: fx.GraphModule) -> fx.GraphModule:
-    """Rewrite ops XNNPACK does not take (in an exported ATen graph) into ones it does, so they run inside the
-    delegate instead of splitting it around portable kernels (each split costs dim-order copies; LayerNorm and
-    attention's batched matmuls alone cut a ViT-S into 62 segments). Same values, except where noted:
-
-    * ``layer_norm`` over the last dim -> mean / sub / mul / rsqrt on x viewed as [rows, 1, 1, C] (XNNPACK's
-      mean is a global average pooling of 4-D tensors). Float rounding differs from the fused kernel.
-    * ``matmul`` of two tensors with the same batch dims -> ``bmm`` on [batch, N, K] views (matmul's own
-      decomposition expands both operands first, and XNNPACK has no expand). Exact.
-    * ``unbind`` / ``select`` (qkv split, class token) -> ``slice`` + ``reshape``; ``expand`` to the input's
-      own shape is dropped. Exact.
-    * vitqc's quantizers: ``amax(x, -1, keepdim)`` -> ``max.dim`` over the last dim of ``x`` viewed as
-      [1, 1, rows, C] (a max pooling); ``amin(x)`` -> ``-max(-x)``. Exact.
-    * ``round(x)`` -> ``floor(x + 0.5)``: XNNPACK has no round. Exact except at exact ties (x = k + 1/2),
-      which round half up instead of to even; ``x + 0.5`` itself is exact for the codes' range (|x| < 2^22).
-    * ``clamp_min(x, lo)`` -> ``clamp(x, lo)``; ``detach`` is dropped. Exact.
-    """
-    aten = torch.ops.aten
-    g = gm.graph
-
-    def call(target, *args) -> fx.Node:
-        return g.call_function(target, args)
-
-    def row_max(x: fx.Node, shape: list[int]) -> fx.Node:
-        x4 = call(aten.reshape.default, x, [1, 1, math.prod(shape[:-1]), shape[-1]])
-        m = call(operator.getitem, call(aten.max.dim, x4, 3, True), 0)
-        return call(aten.reshape.default, m, list(shape[:-1]) + [1])
-
-    def layer_norm(x: fx.Node, shape: list[int], weight, bias, eps: float) -> fx.Node:
-        x4 = call(aten.reshape.default, x, [math.prod(shape[:-1]), 1, 1, shape[-1]])
-        d = call(aten.sub.Tensor, x4, call(aten.mean.dim, x4, [2, 3], True))
-        var = call(aten.mean.dim, call(aten.mul.Tensor, d, d), [2, 3], True)
-        y = call(aten.mul.Tensor, d, call(aten.rsqrt.default, call(aten.add.Tensor, var, eps)))
-        y = y if weight is None else call(aten.mul.Tensor, y, weight)
-        y = y if bias is None else call(aten.add.Tensor, y, bias)
-        return call(aten.reshape.default, y, shape)
-
-    def take(x: fx.Node, shape: list[int], dim: int, i: int) -> fx.Node:
-        i %= shape[dim]
-        return call(aten.reshape.default, call(aten.slice.Tensor, x, dim, i, i + 1), shape[:dim] + shape[dim + 1:])
-
-    for node in list(g.nodes):
-        if node.op != "call_function":
-            continue
-        val = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) else None
-        shape = list(val.shape) if val is not None else None
-        with g.inserting_before(node):
-            if node.target in (aten.amax.default, aten.amin.default) and val is not None:
-                dims = [d % val.dim() for d in node.args[1]]
-                keep = len(node.args) > 2 and node.args[2]
-                if dims != [val.dim() - 1] or not keep:
-                    continue
-                if node.target is aten.amax.default:
-                    new = row_max(node.args[0], shape)
-                else:
-                    new = call(aten.neg.default, row_max(call(aten.neg.default, node.args[0]), shape))
-            elif node.target is aten.layer_norm.default and val is not None and len(node.args[1]) == 1:
-                args = list(node.args) + [None] * (5 - len(node.args))
-                new = layer_norm(node.args[0], shape, args[2], args[3], 1e-5 if args[4] is None else args[4])
-            elif node.target is aten.matmul.default and val is not None:
-                other = node.args[1].meta.get("val")
-                if other is None or val.dim() < 3 or val.shape[:-2] != other.shape[:-2]:
-                    continue
-                batch = math.prod(shape[:-2])
-                a = call(aten.reshape.default, node.args[0], [batch] + shape[-2:])
-                b = call(aten.reshape.default, node.args[1], [batch] + list(other.shape[-2:]))
-                new = call(aten.reshape.default, call(aten.bmm.default, a, b), shape[:-1] + [int(other.shape[-1])])
-            elif node.target is aten.select.int and val is not None:
-                new = take(node.args[0], shape, node.args[1] % len(shape), node.args[2])
-            elif node.target is aten.unbind.int and val is not None:
-                dim = (node.args[1] if len(node.args) > 1 else 0) % len(shape)
-                getters = list(node.users)
-                if not all(u.target is operator.getitem for u in getters):
-                    continue
-                for u in getters:
-                    with g.inserting_before(u):
-                        part = take(node.args[0], shape, dim, u.args[1])
-                    part.meta["val"] = u.meta.get("val")
-                    u.replace_all_uses_with(part)
-                    g.erase_node(u)
-                g.erase_node(node)
-                continue
-            elif node.target is aten.expand.default and val is not None and list(node.meta["val"].shape) == shape:
-                new = node.args[0]  # expanding to its own shape (the class token at batch 1)
-            elif node.target is aten.round.default:
-                new = call(aten.floor.default, call(aten.add.Tensor, node.args[0], 0.5))
-            elif node.target is aten.clamp_min.default:
-                new = call(aten.clamp.default, node.args[0], node.args[1])
-            elif node.target is aten.detach.default:
-                new = node.args[0]
-            else:
-                continue
-        if isinstance(new, fx.Node) and new is not node.args[0]:
-            new.meta["val"] = node.meta.get("val")
-        node.replace_all_uses_with(new)
-        g.erase_node(node)
-    g.lint()
-    gm.recompile()
-    return gm
+    return PteResult(bytes(et.buffer), delegates, layers, substitution, fp32, portable, exact=not inexact, cost=cost)
 
 
 def count_delegates(gm: fx.GraphModule) -> int:
@@ -548,6 +493,7 @@ class ExecutorchBackend:
         batch: int = 1  # static batch size of the program
         fp32: bool = False  # lower the float model (dequantized weights, no quantization) as a baseline
         attention: str = "vitqc"  # vitqc: attention matmuls on vitqc's codes; fp32: float (faster, not the scheme)
+        exact: bool = False  # refuse what XNNPACK cannot compute exactly instead of substituting it
         limits: ClassVar[dict[str, str]] = {"batch": ">= 1"}
 
         def __post_init__(self) -> None:
@@ -556,7 +502,7 @@ class ExecutorchBackend:
 
     def export(self, artifact: Any, path: Path, options: "ExecutorchBackend.Options", say) -> Path:
         result = lower_executorch(artifact, fp32=options.fp32, batch=options.batch, attention=options.attention,
-                                  announce=say)
+                                  exact=options.exact, announce=say)
         written = save_pte(result, path)
         portable = ", ".join(f"{name} x{n}" for name, n in result.portable_ops.items()) or "none"
         say(f"{result.delegates} XNNPACK delegate segments; on portable kernels between them: {portable}")

@@ -26,18 +26,21 @@ program (same activation codes from the same float ops, exact integer accumulati
 * ``PackedPatchConv`` (an ``IntConv2d`` whose stride equals its kernel, no padding/dilation/groups, i.e. a
   ViT patch embedding): patches of the image codes through the same int8 GEMM. Other convolutions keep the
   source's form (int8 codes, float conv) and are listed as not lowered.
-* the attention matmuls (``IntMatmul``) already run on integer codes in the source program and are kept as
-  they are: an fp32 GEMM of integer codes (exact below 2^24; PyTorch has no batched int8 GEMM on CPU).
+* the attention matmuls (each ``IntMatmul``): :class:`vitqc.backends.program.CodesMatmul`, the source's fp32 GEMM
+  of centred integer codes (exact below 2^24; PyTorch has no batched int8 GEMM on CPU), each static operand's
+  codes computed in three elementwise ops instead of the source's five: the same integers, so the same result.
 
-Speed: the eager program runs every quantize/dequantize as separate elementwise ops;
-``torch.compile(packed.module())`` (inductor) fuses them around the int8 GEMMs (measured in the benchmark).
+Speed: the eager program runs every quantize/dequantize as separate elementwise ops; ``unpack="load"`` (the
+default) keeps the unpacked int8 weights in memory. ``packed.module(compile=True)`` (inductor) fuses the
+elementwise ops around the int8 GEMMs and is faster still, but it also generates its own LayerNorm, softmax,
+GELU and rescale code, whose float rounding differs from the artifact's: its output is the artifact's up to
+float rounding, not bit for bit, so it is not the default (benchmarks/backend_latency.py --compile).
 
 CUDA: lower a materialized graph that is on the GPU, with an example input there (``torch.export`` records
 the device's kernels); the int8 GEMMs are then ``torch._int_mm`` with the operands zero-padded to the shapes
-CUDA's kernel takes (``padded_int_mm``). Measured on an H200 (benchmarks/backend_latency.py --device cuda): the
-eager packed program is 4x slower than bf16 eager (0.22-0.24x, ViT-S and vits14, batch 1 and 8): every
-quantize / unpack / dequantize is a kernel launch of its own, and at these sizes launches, not GEMMs, set the
-time. Fusing them (Triton, or torch.compile) is not done.
+CUDA's kernel takes (``padded_int_mm``). On a GPU the eager packed program is slower than bf16 eager
+(benchmarks/results/backend_latency-cuda.json): every quantize / unpack / dequantize is a kernel launch of its own,
+and at these sizes launches, not GEMMs, set the time. Fusing them (Triton, or torch.compile) is not done.
 
 Not done: no Triton kernels, no int8 kernel for
 the attention matmuls (fp32 GEMM of integer codes, see above), per-channel activation quantizers and
@@ -56,10 +59,9 @@ from torch import Tensor, fx, nn
 
 from vitqc.archive import member_reader, open_archive, program_members, read_manifest, read_program, write_archive
 from vitqc.backends import packing, register_backend
-from vitqc.backends.program import ASSERTS, ActBuffers, ActQuant, Region, Unsupported, act_quant, finish, \
-    integer_layers, is_tensor_node, modules_by_type, quantized_program, stack_paths
+from vitqc.backends.program import ASSERTS, ActBuffers, ActQuant, Region, Unsupported, act_quant, codes_matmul, \
+    describe_grid, finish, fold_constants, integer_layers, modules_by_type, quantized_program, regions_of, stack_paths
 from vitqc.errors import VitqcError
-from vitqc.graph import get_attr_value
 from vitqc.quant.intops import integer_linear, patches
 
 __all__ = ["ActQuant", "PackedLinear", "PackedPatchConv", "PackedProgram", "lower_packed",
@@ -220,13 +222,13 @@ class PackedProgram:
             raise VitqcError("this packed model records no preprocessing: export it again from its artifact")
         return Preprocess.from_dict(recorded)
 
-    def module(self, unpack: str = "call", compile: bool = False) -> nn.Module:
-        """A callable module; ``unpack="load"`` unpacks the weights to int8 once (see :func:`fold_unpack`).
+    def module(self, unpack: str = "load", compile: bool = False) -> nn.Module:
+        """A callable module. ``unpack="load"`` (default: the fast exact form) unpacks the weights to int8 once
+        (see :func:`fold_unpack`); ``"call"`` keeps them packed in memory and unpacks them inside every call.
 
-        ``compile=True`` returns it through ``torch.compile`` (inductor), which fuses the quantize, unpack and
-        dequantize elementwise ops around the integer GEMMs: the fastest form on CPU (benchmarks/
-        backend_latency.py --compile), at the cost of a compile on the first call of each input shape.
-        """
+        ``compile=True`` returns it through ``torch.compile`` (inductor): faster on CPU, after a compile on the
+        first call of each input shape, and equal to the artifact only up to float rounding (see the module
+        docstring)."""
         if unpack not in ("call", "load"):
             raise VitqcError(f"unpack must be 'call' or 'load', got {unpack!r}")
         gm = self.program.module()
@@ -271,9 +273,12 @@ def lower_packed(source: Any, example: Tensor | None = None, *, ternary: str = "
         except Unsupported as why:
             skipped.append({"path": path, "reason": str(why)})
 
-    # the attention matmuls already run on integer codes in the source program (IntMatmul): kept as they are
-    layers += [{"path": path, "kind": "matmul", "form": "IntMatmul: integer codes, fp32 GEMM (exact below 2^24)"}
-               for path, _ in modules_by_type(gm, ("IntMatmul",))]
+    matmul_paths = [path for path, _ in modules_by_type(gm, ("IntMatmul",))]
+    for path, region in regions_of(gm, matmul_paths).items():
+        try:
+            layers.append(_lower_matmul(gm, state, region, path))
+        except Unsupported as why:
+            skipped.append({"path": path, "reason": str(why)})
 
     finish(gm)
     packed = _export(gm, example)
@@ -291,6 +296,13 @@ def _export(gm: fx.GraphModule, example: Tensor) -> torch.export.ExportedProgram
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VitqcError(f"could not export the packed graph with torch.export: {first}") from exc
+
+
+def _lower_matmul(gm: fx.GraphModule, state: dict[str, Tensor], region: Region, path: str) -> dict[str, Any]:
+    module, inputs, output = codes_matmul(state, region, path)
+    _replace(gm, region, inputs, output, path, module)
+    return {"path": path, "kind": "matmul", "form": "integer codes, fp32 GEMM (exact below 2^24)",
+            "act": {"lhs": describe_grid(module.lhs), "rhs": describe_grid(module.rhs)}}
 
 
 def _lower_weight_layer(gm: fx.GraphModule, state: dict[str, Tensor], region: Region, path: str,
@@ -355,33 +367,7 @@ def fold_unpack(gm: fx.GraphModule) -> fx.GraphModule:
     its transpose view, scale products) and store the results as buffers: the packed file stays small, the
     weights sit in memory as int8 and each call skips the unpack. Nodes outside packed layers are left alone."""
     packed_paths = {name for name, m in modules_by_type(gm, ("PackedLinear", "PackedPatchConv"))}
-    const: dict[fx.Node, Any] = {}
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            const[node] = get_attr_value(gm, str(node.target))
-        elif node.op == "call_function" and node.target not in ASSERTS and stack_paths(node) & packed_paths \
-                and node.all_input_nodes and all(m in const for m in node.all_input_nodes) and is_tensor_node(node):
-            args = fx.node.map_arg(node.args, lambda m: const[m])
-            kwargs = fx.node.map_arg(node.kwargs, lambda m: const[m])
-            const[node] = node.target(*args, **kwargs)
-    folded = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node not in const:
-            continue
-        if all(u in const for u in node.users):
-            continue  # an inner node of a constant subgraph: its users are folded instead
-        name = f"_folded_{node.name}"
-        value = const[node]
-        gm.register_buffer(name, value.contiguous() if value.is_contiguous() else value, persistent=False)
-        with gm.graph.inserting_before(node):
-            attr = gm.graph.get_attr(name)
-        attr.meta.update(node.meta)
-        node.replace_all_uses_with(attr)
-        folded += 1
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    gm.meta["vitqc_folded"] = folded
-    return gm
+    return fold_constants(gm, lambda node: bool(stack_paths(node) & packed_paths))
 
 
 # ----------------------------------------------------------------------------------------------- save / load

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, fx, nn
 
 from vitqc.errors import VitqcError
+from vitqc.graph import get_attr_value
 from vitqc.quant.intops import EPS as _EPS, act_codes, shift_for
 
 __all__ = ["quantized_program", "integer_layers", "Region", "stack_paths", "is_tensor_node", "finish",
-           "modules_by_type", "ActQuant", "ActBuffers", "act_quant", "Unsupported", "CLAMP", "ASSERTS"]
+           "modules_by_type", "fold_constants", "CodesMatmul", "codes_matmul", "ActQuant", "ActBuffers", "act_quant", "Unsupported", "CLAMP", "ASSERTS"]
 
 CLAMP = (torch.ops.aten.clamp.default,)
 ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
@@ -107,13 +108,25 @@ class Region:
     def tensor_outputs(self) -> list[fx.Node]:
         return [n for n in self.nodes if is_tensor_node(n) and any(u not in self.node_set for u in n.users)]
 
-    def clamp_bounds(self) -> set[tuple[int, int]]:
+    def clamp_bounds(self, start: fx.Node | None = None) -> set[tuple[int, int]]:
+        """The integer bounds of the region's clamps (those downstream of ``start`` when given: one operand's)."""
         out = set()
-        for n in self.nodes:
+        for n in (self.nodes if start is None else self.downstream(start)):
             if n.op == "call_function" and n.target in CLAMP and len(n.args) >= 3 \
                     and isinstance(n.args[1], int) and isinstance(n.args[2], int):
                 out.add((n.args[1], n.args[2]))
         return out
+
+    def downstream(self, start: fx.Node) -> list[fx.Node]:
+        """The region's nodes that depend on ``start``."""
+        seen: set[fx.Node] = set()
+        todo = [u for u in start.users if u in self.node_set]
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo.extend(u for u in n.users if u in self.node_set)
+        return [n for n in self.nodes if n in seen]
 
     def find(self, target: Any) -> list[fx.Node]:
         return [n for n in self.nodes if n.op == "call_function" and n.target == target]
@@ -169,6 +182,40 @@ def finish(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def fold_constants(gm: fx.GraphModule, where: Callable[[fx.Node], bool] = lambda node: True) -> fx.GraphModule:
+    """Evaluate, once, every pure node (``where`` it holds) whose inputs are all stored tensors or folded nodes,
+    and store each result that a non-folded node reads as a buffer (``_folded_<name>``, not saved in a state
+    dict). ``gm.meta["vitqc_folded"]``: how many buffers."""
+    const: dict[fx.Node, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            const[node] = get_attr_value(gm, str(node.target))
+        elif node.op == "call_function" and node.target not in ASSERTS and not node.is_impure() and where(node) \
+                and node.all_input_nodes and all(m in const for m in node.all_input_nodes) and is_tensor_node(node):
+            args = fx.node.map_arg(node.args, lambda m: const[m])
+            kwargs = fx.node.map_arg(node.kwargs, lambda m: const[m])
+            const[node] = node.target(*args, **kwargs)
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node not in const:
+            continue
+        if all(u in const for u in node.users):
+            continue  # an inner node of a constant subgraph: its users are folded instead
+        name = f"_folded_{node.name}"
+        value = const[node]
+        # a broadcast (zero-stride) result is stored dense; other views (a weight's transpose) are kept as they are
+        gm.register_buffer(name, value.contiguous() if 0 in value.stride() else value, persistent=False)
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(name)
+        attr.meta.update(node.meta)
+        node.replace_all_uses_with(attr)
+        folded += 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    gm.meta["vitqc_folded"] = folded
+    return gm
+
+
 def modules_by_type(gm: fx.GraphModule, type_names: tuple[str, ...]) -> list[tuple[str, str]]:
     """``(path, qualified type)`` of every module of one of ``type_names`` that graph nodes were traced in."""
     out = set()
@@ -198,9 +245,13 @@ class ActQuant:
         return self.qmin < 0  # UniformQuantizer: asymmetric grids start at 0, symmetric ones below 0
 
     def describe(self) -> dict[str, Any]:
-        bits = 1.58 if (self.qmin, self.qmax) == (-1, 1) else (self.qmax - self.qmin + 1).bit_length() - 1
-        return {"granularity": self.granularity, "qmin": self.qmin, "qmax": self.qmax, "bits": bits,
-                "symmetric": self.symmetric}
+        return describe_grid(self)
+
+
+def describe_grid(q: Any) -> dict[str, Any]:
+    """An activation grid (an :class:`ActQuant` or :class:`ActBuffers`) as a manifest entry."""
+    bits = 1.58 if (q.qmin, q.qmax) == (-1, 1) else (q.qmax - q.qmin + 1).bit_length() - 1
+    return {"granularity": q.granularity, "qmin": q.qmin, "qmax": q.qmax, "bits": bits, "symmetric": q.symmetric}
 
 
 class ActBuffers(nn.Module):
@@ -215,6 +266,7 @@ class ActBuffers(nn.Module):
             z = q.zero_point.detach().float().reshape(())
             z = torch.zeros(()) if q.symmetric else torch.clamp(z.round(), q.qmin, q.qmax)
             self.register_buffer("zero_point", z.clone())
+            self.centred_bounds = (float(q.qmin - z), float(q.qmax - z))
         else:
             assert q.clip_ratio is not None
             self.register_buffer("clip_ratio", q.clip_ratio.detach().float().reshape(()).clamp_min(_EPS).clone())
@@ -232,10 +284,20 @@ class ActBuffers(nn.Module):
         """The centered codes need no zero-point correction (symmetric grid that fits int8 unshifted)."""
         return self.symmetric and self.qmax <= 127
 
+    def centred_codes(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(q - z, s)``: the codes :func:`vitqc.quant.intops.integer_matmul` multiplies, the same integers. Per
+        tensor in three ops, ``clamp(round(x / s), qmin - z, qmax - z)`` (equal to ``clamp(round(x / s) + z, qmin,
+        qmax) - z``: integers in float are exact, and beyond the grid both saturate)."""
+        if self.granularity == "tensor":
+            return torch.clamp(torch.round(x / self.scale), *self.centred_bounds), self.scale
+        q, s, z = self.codes(x)
+        return (q if self.zero_free else q - z), s
 
-def act_quant(state: dict[str, Tensor], prefix: str, region: Region) -> ActQuant | None:
-    """The activation quantizer stored at ``prefix`` as the program computes it, or None if it does nothing."""
-    bounds = region.clamp_bounds()
+
+def act_quant(state: dict[str, Tensor], prefix: str, region: Region, operand: fx.Node | None = None) -> ActQuant | None:
+    """The activation quantizer stored at ``prefix`` as the program computes it, or None if it does nothing
+    (``operand``: the region's input it quantizes, where the region quantizes two)."""
+    bounds = region.clamp_bounds(operand)
     if not bounds:
         return None
     if len(bounds) == 2:  # an integer layer clamps the zero point to the grid and the codes to it shifted into int8
@@ -257,3 +319,32 @@ def act_quant(state: dict[str, Tensor], prefix: str, region: Region) -> ActQuant
 
 class Unsupported(Exception):
     """A region a backend cannot take over (the packed backend leaves it as the source program runs it)."""
+
+
+class CodesMatmul(nn.Module):
+    """An attention matmul (``IntMatmul``) as the source computes it, ``Q(a) @ Q(b)`` on centred integer codes
+    (:func:`vitqc.quant.intops.integer_matmul`), each static operand's codes in three elementwise ops instead of
+    five (:meth:`ActBuffers.centred_codes`: the same integers, so the same result to the last bit)."""
+
+    def __init__(self, lhs: ActQuant, rhs: ActQuant) -> None:
+        super().__init__()
+        self.lhs, self.rhs = ActBuffers(lhs), ActBuffers(rhs)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        ca, sa = self.lhs.centred_codes(a)
+        cb, sb = self.rhs.centred_codes(b)
+        if self.rhs.granularity == "token":
+            return torch.matmul(ca, cb * sb) * sa
+        return torch.matmul(ca, cb) * (sa * sb)
+
+
+def codes_matmul(state: dict[str, Tensor], region: Region, path: str) -> tuple[CodesMatmul, list[fx.Node], fx.Node]:
+    """The :class:`CodesMatmul` for the ``IntMatmul`` region at ``path``, with the region's two inputs (in call
+    order) and its output; :class:`Unsupported` if the region is not that."""
+    inputs, outputs = region.tensor_inputs(), region.tensor_outputs()
+    if len(inputs) != 2 or len(outputs) != 1:
+        raise Unsupported(f"expected two tensors in and one out, found {len(inputs)} in / {len(outputs)} out")
+    lhs, rhs = (act_quant(state, f"{path}.{side}", region, operand) for side, operand in zip(("lhs", "rhs"), inputs))
+    if lhs is None or rhs is None:
+        raise Unsupported("an operand without an integer grid")
+    return CodesMatmul(lhs, rhs), inputs, outputs[0]

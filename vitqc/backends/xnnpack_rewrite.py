@@ -1,0 +1,117 @@
+"""Graph rewrites that let XNNPACK take a whole ViT: ops it has no kernel for, restated in ops it has.
+
+An exported ATen graph of a ViT holds ops XNNPACK cannot delegate (``layer_norm``, ``matmul`` with batch dims,
+``unbind``, ``round`` ...). Each one left outside splits the delegate around a portable kernel, and each split
+costs dim-order copies. :func:`xnnpack_supported_ops` rewrites them in place, before PT2E annotation.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+from torch import fx
+
+__all__ = ["xnnpack_supported_ops"]
+
+
+def xnnpack_supported_ops(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite ops XNNPACK does not take (in an exported ATen graph) into ones it does, so they run inside the
+    delegate instead of splitting it around portable kernels (each split costs dim-order copies; LayerNorm and
+    attention's batched matmuls alone cut a ViT-S into 62 segments). Same values, except where noted:
+
+    * ``layer_norm`` over the last dim -> mean / sub / mul / rsqrt on x viewed as [rows, 1, 1, C] (XNNPACK's
+      mean is a global average pooling of 4-D tensors). Float rounding differs from the fused kernel.
+    * ``matmul`` of two tensors with the same batch dims -> ``bmm`` on [batch, N, K] views (matmul's own
+      decomposition expands both operands first, and XNNPACK has no expand). Exact.
+    * ``unbind`` / ``select`` (qkv split, class token) -> ``slice`` + ``reshape``; ``expand`` or ``slice`` to the
+      input's own shape is dropped. Exact.
+    * vitqc's quantizers: ``amax(x, -1, keepdim)`` -> ``max.dim`` over the last dim of ``x`` viewed as
+      [1, 1, rows, C] (a max pooling); ``amin(x)`` -> ``-max(-x)``. Exact.
+    * ``round(x)`` -> ``floor(x + 0.5)``: XNNPACK has no round. Exact except at exact ties (x = k + 1/2),
+      which round half up instead of to even; ``x + 0.5`` itself is exact for the codes' range (|x| < 2^22).
+    * ``clamp_min(x, lo)`` -> ``clamp(x, lo)``; ``detach`` and ``alias`` are dropped. Exact.
+    """
+    aten = torch.ops.aten
+    g = gm.graph
+
+    def call(target, *args) -> fx.Node:
+        return g.call_function(target, args)
+
+    def row_max(x: fx.Node, shape: list[int]) -> fx.Node:
+        x4 = call(aten.reshape.default, x, [1, 1, math.prod(shape[:-1]), shape[-1]])
+        m = call(operator.getitem, call(aten.max.dim, x4, 3, True), 0)
+        return call(aten.reshape.default, m, list(shape[:-1]) + [1])
+
+    def layer_norm(x: fx.Node, shape: list[int], weight, bias, eps: float) -> fx.Node:
+        x4 = call(aten.reshape.default, x, [math.prod(shape[:-1]), 1, 1, shape[-1]])
+        d = call(aten.sub.Tensor, x4, call(aten.mean.dim, x4, [2, 3], True))
+        var = call(aten.mean.dim, call(aten.mul.Tensor, d, d), [2, 3], True)
+        y = call(aten.mul.Tensor, d, call(aten.rsqrt.default, call(aten.add.Tensor, var, eps)))
+        y = y if weight is None else call(aten.mul.Tensor, y, weight)
+        y = y if bias is None else call(aten.add.Tensor, y, bias)
+        return call(aten.reshape.default, y, shape)
+
+    def take(x: fx.Node, shape: list[int], dim: int, i: int) -> fx.Node:
+        i %= shape[dim]
+        return call(aten.reshape.default, call(aten.slice.Tensor, x, dim, i, i + 1), shape[:dim] + shape[dim + 1:])
+
+    for node in list(g.nodes):
+        if node.op != "call_function":
+            continue
+        val = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) else None
+        shape = list(val.shape) if val is not None else None
+        with g.inserting_before(node):
+            if node.target in (aten.amax.default, aten.amin.default) and val is not None:
+                dims = [d % val.dim() for d in node.args[1]]
+                keep = len(node.args) > 2 and node.args[2]
+                if dims != [val.dim() - 1] or not keep:
+                    continue
+                if node.target is aten.amax.default:
+                    new = row_max(node.args[0], shape)
+                else:
+                    new = call(aten.neg.default, row_max(call(aten.neg.default, node.args[0]), shape))
+            elif node.target is aten.layer_norm.default and val is not None and len(node.args[1]) == 1:
+                args = list(node.args) + [None] * (5 - len(node.args))
+                new = layer_norm(node.args[0], shape, args[2], args[3], 1e-5 if args[4] is None else args[4])
+            elif node.target is aten.matmul.default and val is not None:
+                other = node.args[1].meta.get("val")
+                if other is None or val.dim() < 3 or val.shape[:-2] != other.shape[:-2]:
+                    continue
+                batch = math.prod(shape[:-2])
+                a = call(aten.reshape.default, node.args[0], [batch] + shape[-2:])
+                b = call(aten.reshape.default, node.args[1], [batch] + list(other.shape[-2:]))
+                new = call(aten.reshape.default, call(aten.bmm.default, a, b), shape[:-1] + [int(other.shape[-1])])
+            elif node.target is aten.select.int and val is not None:
+                new = take(node.args[0], shape, node.args[1] % len(shape), node.args[2])
+            elif node.target is aten.unbind.int and val is not None:
+                dim = (node.args[1] if len(node.args) > 1 else 0) % len(shape)
+                getters = list(node.users)
+                if not all(u.target is operator.getitem for u in getters):
+                    continue
+                for u in getters:
+                    with g.inserting_before(u):
+                        part = take(node.args[0], shape, dim, u.args[1])
+                    part.meta["val"] = u.meta.get("val")
+                    u.replace_all_uses_with(part)
+                    g.erase_node(u)
+                g.erase_node(node)
+                continue
+            elif node.target in (aten.expand.default, aten.slice.Tensor) and val is not None \
+                    and list(node.meta["val"].shape) == shape:
+                new = node.args[0]  # expanding or slicing to its own shape (the class token at batch 1, patches)
+            elif node.target is aten.round.default:
+                new = call(aten.floor.default, call(aten.add.Tensor, node.args[0], 0.5))
+            elif node.target is aten.clamp_min.default:
+                new = call(aten.clamp.default, node.args[0], node.args[1])
+            elif node.target in (aten.detach.default, aten.alias.default):
+                new = node.args[0]
+            else:
+                continue
+        if isinstance(new, fx.Node) and new is not node.args[0]:
+            new.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+    g.lint()
+    gm.recompile()
+    return gm
