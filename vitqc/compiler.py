@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from vitqc import distributed
 from vitqc.errors import VitqcError
 from vitqc.passes.base import CompileContext
 from vitqc.passes.manager import PassManager
@@ -70,6 +71,11 @@ def compile(model: nn.Module, pipeline: str | Pipeline, calib: torch.Tensor | Se
     """
     from vitqc.capture import capture  # heavy import (timm), only when compiling
 
+    # under torchrun: one process per device (cuda:LOCAL_RANK), joint_optimize data-parallel, rank 0 alone prints
+    device = distributed.resolve_device(device)
+    distributed.init_from_env(distributed.backend_for(device))
+    quiet = quiet or not distributed.is_main()
+    dump_graphs = dump_graphs if distributed.is_main() else None
     seed_everything(seed)
     pipe = load_pipeline(pipeline)
     pipe = pipe.with_overrides(list(set) + _override_strings(overrides))
@@ -89,7 +95,7 @@ def compile(model: nn.Module, pipeline: str | Pipeline, calib: torch.Tensor | Se
         reference = copy.deepcopy(gm)
     reference = reference.to(device)
     ctx = CompileContext(calib=batches, reference=reference, seed=seed, quiet=quiet, work_dir=work_dir,
-                         resume=resume, device=torch.device(device))
+                         resume=resume, device=device)
     manager = PassManager(passes, dump_dir=dump_graphs)
     gm = manager(gm, ctx).graph_module
     gm.meta["vitqc"] = {"pipeline": pipe.to_dict(), "record": ctx.record,

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from vitqc.distributed import is_main
 from vitqc.errors import VitqcError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -439,7 +440,7 @@ class _Progress:
 
 
 def progress_bar(description: str, total: int, enabled: bool = True):
-    return _Progress(description, total) if enabled else _NullProgress()
+    return _Progress(description, total) if enabled and is_main() else _NullProgress()  # torchrun: rank 0's console
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
+from vitqc.distributed import is_main
+
 console = Console(stderr=True)
 
 
@@ -35,7 +37,7 @@ class Bar:
 @contextlib.contextmanager
 def progress_bar(description: str, total: float | None, unit: str = "it", quiet: bool = False,
                  completed: float = 0) -> Iterator[Bar]:
-    if quiet:
+    if quiet or not is_main():  # under torchrun one console: rank 0's
         yield Bar()
         return
     columns = [TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),

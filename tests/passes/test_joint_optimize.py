@@ -66,15 +66,15 @@ def test_resume_refuses_a_checkpoint_made_with_other_options(tmp_path, calib):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, calib, monkeypatch):
-    real_augment = jo.augment
+    real_augment = jo.apply_augment
     calls = {"n": 0}
 
-    def poisoned(x, gen):
+    def poisoned(x, *drawn):
         calls["n"] += 1
-        out = real_augment(x, gen)
+        out = real_augment(x, *drawn)
         return out * float("nan") if calls["n"] > 5 else out
 
-    monkeypatch.setattr(jo, "augment", poisoned)
+    monkeypatch.setattr(jo, "apply_augment", poisoned)
     with pytest.raises(vitqc.VitqcError, match=r"loss became nan at step 5; the last good checkpoint is kept"):
         vitqc.compile(tiny_vit(), joint_pipeline(10, checkpoint_every=4), calib, quiet=True, work_dir=str(tmp_path))
     saved = torch.load(tmp_path / jo.CHECKPOINT_NAME, weights_only=True)

@@ -164,7 +164,7 @@ def compile(
     """Quantize MODEL with a pipeline and write one artifact (.vitqc)."""
     import torch
 
-    from vitqc import compiler
+    from vitqc import compiler, distributed
     from vitqc.artifact import check_writable, export_program, package_versions, save_artifact
     from vitqc.capture import capture
     from vitqc.evaluate import compare
@@ -173,7 +173,9 @@ def compile(
     started = time.time()
     pipe = load_pipeline(pipeline).with_overrides(set_)
     stem = Path(model.split(":")[-1]).stem if model != "demo" else "demo"
-    target = check_writable(out_path or Path(f"{stem}-{pipe.name}.vitqc"))
+    target = out_path or Path(f"{stem}-{pipe.name}.vitqc")
+    if distributed.is_main():  # under torchrun rank 0 alone writes (checkpoints, the artifact)
+        check_writable(target)
     torch.manual_seed(seed)
     module, source, pre = _model_and_preprocess(model, model_kwargs, checkpoint, pretrained, img_size, mean, std,
                                                 interpolation, crop_pct, channels)
@@ -187,7 +189,7 @@ def compile(
     graph = capture(module, example)
     reference = copy.deepcopy(graph)  # compile() rewrites the graph it is given in place
     work = work_dir or target.with_name(target.name + ".work")
-    if resume and not work.is_dir():
+    if resume and distributed.is_main() and not work.is_dir():
         raise VitqcError(f"--resume: no work directory {str(work)!r}; pass the --work-dir of the interrupted run")
     run_device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if run_device.startswith("cuda") and not torch.cuda.is_available():
@@ -195,6 +197,8 @@ def compile(
     quantized = compiler.compile(graph, pipe, batches, seed=seed, example=example, reference=reference,
                                  dump_graphs=str(dump_graphs) if dump_graphs else None, work_dir=str(work),
                                  resume=resume, device=run_device)
+    if not distributed.is_main():
+        return
     quantized, reference = quantized.cpu(), reference.cpu()
     err.print("[bold cyan]export[/] quantized and reference programs (torch.export)")
     q_program, ref_program = export_program(quantized, example), export_program(reference, example)
@@ -327,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
             err.print("interrupted; no artifact was written (continue with --resume where the pass checkpoints)")
         return code if isinstance(code, int) else 0
     except VitqcError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        from vitqc.distributed import rank_prefix
+
+        err.print(f"[bold red]error:[/] {rank_prefix()}{exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code

@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from vitqc.distributed import is_main
 from vitqc.errors import VitqcError
 from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_property, register_pass
 from vitqc.passes.insert_quantizers import bypassed, quantizers
@@ -619,7 +620,7 @@ class _SearchState:
 
     def save(self, ctx: CompileContext) -> None:
         path = self._path(ctx)
-        if path is None:
+        if path is None or not is_main():  # under torchrun rank 0 alone writes
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {"generation": self.generation, "population": [list(g) for g in self.population],
