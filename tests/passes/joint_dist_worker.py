@@ -46,10 +46,12 @@ def run(rank: int, world: int, init_file: str, out: str) -> None:
         out_dir = Path(out)
         seen: dict = {}
 
-        # 1. a whole run, augmented, printing as a user would see it; each rank is given its own work dir
+        # 1. a whole run, augmented, printing as a user would see it; each rank is given its own work dir, and
+        # rank 1 other calibration images (so also other quantizer ranges before joint_optimize): rank 0's count
         stderr = io.StringIO()
+        mine = calib if rank == 0 else [x.flip(0) + 0.5 for x in calib]
         with contextlib.redirect_stderr(stderr):
-            gm = vitqc.compile(tiny_vit(), pipeline(), calib, work_dir=str(out_dir / f"work{rank}"))
+            gm = vitqc.compile(tiny_vit(), pipeline(), mine, work_dir=str(out_dir / f"work{rank}"))
         seen["state"] = trained_state(gm)
         seen["record"] = gm.meta["vitqc"]["record"]["joint_optimize"]
         seen["printed"] = stderr.getvalue()

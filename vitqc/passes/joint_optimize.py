@@ -454,7 +454,7 @@ class _Training:
         self.pool_differed = dist.all_sum(int(not (same_shape and torch.equal(pool, images))))
         if self.pool_differed and not self.ctx.quiet:
             console.print(f"joint_optimize: {self.pool_differed} of {self.world} ranks loaded other calibration images "
-                          f"than rank 0; all train on rank 0's {len(pool)}", highlight=False)
+                          f"than rank 0; all train on rank 0's {len(pool)}", highlight=False, soft_wrap=True)
         return pool
 
     def train(self, pool: torch.Tensor, until: int, bar: Bar) -> None:
@@ -466,8 +466,8 @@ class _Training:
             cache, self.cache_info = TeacherCache.build(self.teacher, pool, o.batch_size, self.amp, o.cache_teacher_mb)
             if cache is None and not self.ctx.quiet:
                 console.print(f"joint_optimize: the teacher's outputs for {len(pool)} images need "
-                              f"{self.cache_info['mb']:.0f} MB, over cache_teacher_mb={o.cache_teacher_mb:g}; "
-                              f"the teacher runs every step instead", highlight=False)
+                              f"{self.cache_info['mb']:g} MB, over cache_teacher_mb={o.cache_teacher_mb:g}; "
+                              f"the teacher runs every step instead", highlight=False, soft_wrap=True)
         self.student.train()
         while state.step < until:
             self.last = self.step(pool, cache)
