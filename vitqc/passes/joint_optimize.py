@@ -305,9 +305,10 @@ class JointOptimize(VitqcPass):
         if ctx.reference is None:
             raise VitqcError("joint_optimize needs the FP reference model (vitqc.compile provides it)")
         training = _Training(self, gm, ctx)
+        images = torch.cat(ctx.calib_batches()).to(ctx.device)
         with progress_bar(self.name, total=self.options.iterations, unit="it", completed=training.state.step,
                           quiet=ctx.quiet) as bar:
-            training.train(training.pool, self.options.iterations, bar)
+            training.train(images, self.options.iterations, bar)
         gm._vitqc_joint_optimized = True
         ctx.record[self.name] = training.record()
         return PassResult(gm, True)
@@ -392,13 +393,10 @@ class _Training:
         # this rank's slice of every global batch, and its share of the batch's mean loss
         self.lo, self.hi = self.rank * o.batch_size // self.world, (self.rank + 1) * o.batch_size // self.world
         self.share = (self.hi - self.lo) / o.batch_size
-        images = torch.cat(ctx.calib_batches()).to(self.device)
         self.pool_differed = None
-        if self.world > 1:  # start from rank 0's states and images, whatever each rank loaded
+        if self.world > 1:  # start from rank 0's states (and train on its images), whatever each rank loaded
             _check_same_graph(gm)
             dist.broadcast_(module_state(gm) + module_state(ctx.reference))
-            images = self._rank0_pool(images)
-        self.pool = images
         self.scopes = scopes = block_scopes(ctx.reference, o.features) if o.feature_weight > 0 else []
         self.teacher = with_scope_outputs(ctx.reference, scopes, owner.name).to(self.device).eval()
         self.student = with_scope_outputs(gm, scopes, owner.name).to(self.device)
@@ -458,9 +456,11 @@ class _Training:
         return pool
 
     def train(self, pool: torch.Tensor, until: int, bar: Bar) -> None:
-        """Steps over ``pool`` (images on the training device) until the run has taken ``until`` steps,
-        checkpointing every ``checkpoint_every`` (rank 0)."""
+        """Steps over ``pool`` (images on the training device; rank 0's under torchrun) until the run has taken
+        ``until`` steps, checkpointing every ``checkpoint_every`` (rank 0)."""
         o, state = self.o, self.state
+        if self.world > 1:
+            pool = self._rank0_pool(pool)
         cache = None
         if o.cache_teacher:
             cache, self.cache_info = TeacherCache.build(self.teacher, pool, o.batch_size, self.amp, o.cache_teacher_mb)
