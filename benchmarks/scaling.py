@@ -16,9 +16,9 @@ of the two quantized programs (results/scaling_dp_<model>.json).
 natively, as on a GPU; ``--fp32`` not) for each model shape with random weights at ``--batch``, plain, with
 ``activation_checkpointing``, with ``cache_teacher`` and with both, each in its own process: seconds per step
 after joint_optimize's warm-up, the resident memory when training starts and its peak while training (sampled
-every 10 ms). Then ``predict``: the memory model (below), checked against those CPU peaks and the two H200 peaks
+every 10 ms). Then ``predict``: the memory model (below), checked against those CPU peaks and the H200 peaks
 measured before (README), predicts batch-32 peak GPU memory for ViT-B/16, ViT-L/16 and ViT-H/14 at 224 px
-(results/scaling_memory.json).
+(results/scaling_memory.json). ``memory --device cuda`` measures the same on a GPU (CUDA max allocated).
 
 The memory model counts its components exactly (device-independent) on the quantized graph of each shape built
 with 1 and 2 blocks at full width (the blocks are identical, so N blocks = outside + N x per block):
@@ -26,13 +26,16 @@ with 1 and 2 blocks at full width (the blocks are identical, so N blocks = outsi
               + what the student keeps for backward whatever the batch (fake-quantized weights)
   per image = what the student keeps for backward (counted with saved-tensor hooks, under bf16 autocast) + the
               teacher's outputs the loss reads (logits, block outputs)
-  peak(B)   = static + B x per image + B x m x one block's saved activations   (m: transient, fitted)
-With ``activation_checkpointing`` the student keeps each block's input instead of its activations, plus one block
-recomputed; with ``cache_teacher`` the teacher's outputs for the whole pool (1,024 images assumed) are static.
+  peak(B)   = static + B x per image + B x m x one block's saved activations   (m: transient, fitted: on the CPU
+              runs by least squares, for the GPU on the one H200 peak measured first in its process)
+With ``activation_checkpointing`` the student keeps each block's input instead of what its blocks save (activations
+and fake-quantized weights), plus one block's of those, recomputed in backward; with ``cache_teacher`` the teacher's
+outputs for the whole pool (1,024 images assumed for the predictions) are static.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -259,6 +262,7 @@ def run_time(args: argparse.Namespace) -> None:
             JointOptimize({**base, **CONFIGS[config]})(gm, ctx)
             r = ctx.record["joint_optimize"]
             times[config].append((r["seconds"] - r["warmup_seconds"]) / args.steps)
+            gc.collect()  # the run's optimizer state and graphs (held by reference cycles) before the next
     row = {"model": args.model, "img_size": args.img_size, "batch": args.batch, "steps": args.steps,
            "repeats": args.repeats, "threads": args.threads, "autocast": "bf16" if not args.fp32 else None,
            "s_per_step": {c: statistics.median(t) for c, t in times.items()}, "all": times}
@@ -292,9 +296,10 @@ def run_memory(args: argparse.Namespace) -> None:
         return
     timed = []  # step times in one process per model, alternated (the rows' own times are from separate processes)
     for model in args.models.split(","):
+        repeats = 1 if "large" in model else args.repeats  # ViT-L: ~25 s a step on one CPU thread
         cmd = [sys.executable, __file__, "time", "--model", model, "--configs", args.configs, "--batch", str(args.batch),
                "--steps", str(args.steps), "--threads", str(args.threads), "--img-size", str(args.img_size),
-               "--repeats", str(args.repeats)] + (["--fp32"] if args.fp32 else [])
+               "--repeats", str(repeats)] + (["--fp32"] if args.fp32 else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         if proc.returncode != 0:
             print(f"{model} timing: failed ({proc.returncode}) {proc.stderr[-500:]}", flush=True)
@@ -367,15 +372,19 @@ def components(model_name: str, img_size: int, depth: int, amp: bool = True, fus
     full["block_input_per_image"] = depth * one["block_input_per_image"]
     full["block_saved_per_image"] = per_block["saved_per_image"]
     full["outside_saved_per_image"] = one["saved_per_image"] - per_block["saved_per_image"]
+    full["block_saved_static"] = per_block["saved_static"]
+    full["outside_saved_static"] = one["saved_static"] - per_block["saved_static"]
     full["depth"] = depth
     return full
 
 
 def peak_bytes(c: dict, batch: int, m: float, checkpointing: bool = False, cache: int | None = None) -> float:
-    static = c["teacher_weights"] + c["student_weights"] + 4 * c["trainable"] + c["saved_static"]
-    if checkpointing:  # block inputs kept, one block recomputed at a time in backward
+    static = c["teacher_weights"] + c["student_weights"] + 4 * c["trainable"]
+    if checkpointing:  # each block's input kept; its activations (and fake-quantized weights) recomputed one at a time
+        static += c["outside_saved_static"] + c["block_saved_static"]
         saved = c["outside_saved_per_image"] + c["block_input_per_image"] + c["block_saved_per_image"]
     else:
+        static += c["saved_static"]
         saved = c["saved_per_image"]
     if cache:
         static += cache * c["teacher_out_per_image"]
@@ -420,11 +429,16 @@ def predict(args: argparse.Namespace, cpu_rows: list[dict] | None = None) -> Non
     xs = [r["batch"] * comps(r["model"], r["img_size"], depths[r["model"]], amp=r["autocast"] == "bf16")["block_saved_per_image"]
           for r in cpu_rows]
     ys = [r["rss_train_peak_gib"] * GIB - cpu_model(r, 0.0) for r in cpu_rows]
-    m = max(0.0, sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs))
+    m_cpu = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
     cpu_checks = [{"model": r["model"], "config": r["config"], "batch": r["batch"],
-                   "measured_gib": round(r["rss_train_peak_gib"], 3), "predicted_gib": round(cpu_model(r, m) / GIB, 3),
-                   "error_pct": round(100 * (cpu_model(r, m) / GIB - r["rss_train_peak_gib"]) / r["rss_train_peak_gib"], 1)}
+                   "measured_gib": round(r["rss_train_peak_gib"], 3), "predicted_gib": round(cpu_model(r, m_cpu) / GIB, 3),
+                   "error_pct": round(100 * (cpu_model(r, m_cpu) / GIB - r["rss_train_peak_gib"]) / r["rss_train_peak_gib"], 1)}
                   for r in cpu_rows]
+    # the GPU's transient (CUDA's caching allocator counts every live temporary of backward, which the CPU's sampled
+    # resident memory may miss) from the one clean H200 peak; the others, measured after an earlier run, check it
+    clean = next(p for p in H200 if p["clean"].startswith("yes"))
+    c = comps(clean["model"], clean["img_size"], clean["depth"], fused=clean["fused"])
+    m = (clean["gib"] * GIB - peak_bytes(c, clean["batch"], 0.0)) / (clean["batch"] * c["block_saved_per_image"])
     checks = []
     for p in H200:
         c = comps(p["model"], p["img_size"], p["depth"], fused=p["fused"])
@@ -441,10 +455,12 @@ def predict(args: argparse.Namespace, cpu_rows: list[dict] | None = None) -> Non
                            ("both", {"checkpointing": True, "cache": CACHE_POOL})):
             row[f"{config}_gib"] = round(peak_bytes(c, PREDICT_BATCH, m, **kw) / GIB, 2)
         predictions.append(row)
-    result = {"transient_factor_m": round(m, 3), "cpu_checks": cpu_checks, "gpu_checks": checks,
+    result = {"transient_factor_m_gpu": round(m, 3), "transient_factor_m_cpu": round(m_cpu, 3),
+              "cpu_checks": cpu_checks, "gpu_checks": checks,
               "predictions": predictions, "components": counted, "cache_pool_images": CACHE_POOL, "machine": machine()}
     write_result("scaling_memory", result)
-    print(f"\ntransient factor m = {m:.3f} blocks of saved activations per image (least squares on {len(cpu_rows)} CPU runs)")
+    print(f"\ntransient factor m (blocks of saved activations per image): {m_cpu:.3f} on the CPU (least squares on "
+          f"{len(cpu_rows)} runs), {m:.3f} on the GPU (the clean H200 peak)")
     print("| CPU run | batch | measured GiB | model GiB | error |\n|---|---|---|---|---|")
     for ch in cpu_checks:
         print(f"| {ch['model']} {ch['config']} | {ch['batch']} | {ch['measured_gib']:.2f} | {ch['predicted_gib']:.2f} | "

@@ -390,6 +390,8 @@ class _Training:
         if o.batch_size < self.world:
             raise VitqcError(f"joint_optimize.batch_size={o.batch_size} is smaller than the {self.world} processes; "
                              f"each takes a share of every batch: raise it to at least {self.world}")
+        if self.world > 1 and not dist.init_from_env(dist.backend_for(self.device)):  # (vitqc.compile did already)
+            raise VitqcError(f"WORLD_SIZE={self.world} but torch.distributed is unavailable here: run one process")
         # this rank's slice of every global batch, and its share of the batch's mean loss
         self.lo, self.hi = self.rank * o.batch_size // self.world, (self.rank + 1) * o.batch_size // self.world
         self.share = (self.hi - self.lo) / o.batch_size
