@@ -103,12 +103,61 @@ def run_dp(args: argparse.Namespace) -> None:
                 sys.exit(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
             print(proc.stdout.strip().splitlines()[-2 if args.model == "demo" else -1])
             runs[name] = {"path": out, "wall_s": round(wall, 1), "stdout_tail": proc.stdout.strip().splitlines()[-3:]}
-        compare_dp(args, runs)
+        compare_dp(args, runs, perturbed_control(args, model_args))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def compare_dp(args: argparse.Namespace, runs: dict) -> None:
+def loss_parting(a: list, b: list) -> dict:
+    """How two loss curves ([step, loss] rows at the same steps) part: relative differences, first step over 1e-5."""
+    rel = [abs(y[1] - x[1]) / abs(x[1]) for x, y in zip(a, b)]
+    assert [x[0] for x in a] == [y[0] for y in b]
+    return {"first_step_over_1e-5": next((a[i][0] for i, d in enumerate(rel) if d > 1e-5), None),
+            "rel_diff_max": max(rel), "rel_diff_first": rel[0], "rel_diff_last": rel[-1],
+            "rel_diff_max_before_parting": max([d for d in rel if d <= 1e-5], default=None)}
+
+
+def perturbed_control(args: argparse.Namespace, model_args: list[str]) -> dict:
+    """The same one-process training twice in this process, once with the teacher's logits scaled by (1 + 1e-7), a
+    stand-in for another float summation order: how far such a difference alone parts the loss curves."""
+    import torch
+
+    import vitqc
+    from vitqc.passes import joint_optimize as jo
+
+    torch.set_num_threads(1)
+    if args.model == "demo":
+        from vitqc.demo import demo_calibration, load_demo_model
+
+        load, calib = load_demo_model, demo_calibration(size=None, seed=0)
+    else:
+        from vitqc.data import Preprocess, load_calibration
+        from vitqc.models import load_model
+
+        load = lambda: load_model(model_args[0]).module  # noqa: E731
+        pre = Preprocess.from_timm(load_model(model_args[0]).data_config)
+        calib = load_calibration(model_args[2].removeprefix("images:"), pre, size=None, seed=0, progress=False)
+    sets = [f"joint_optimize.iterations={args.iterations}", f"joint_optimize.batch_size={args.batch_size}"]
+
+    def curve(scale: float) -> list:
+        real = jo._Training.__init__
+
+        def init(self, *a, **k):
+            real(self, *a, **k)
+            loss = self.run_student_loss
+            self.run_student_loss = lambda x, t_out, t_feats, scope: loss(x, t_out * scale, t_feats, scope)
+
+        jo._Training.__init__ = init
+        try:
+            gm = vitqc.compile(load(), args.pipeline, calib, quiet=True, seed=0, set=sets)
+        finally:
+            jo._Training.__init__ = real
+        return gm.meta["vitqc"]["record"]["joint_optimize"]["loss_curve"]
+
+    return loss_parting(curve(1.0), curve(1 + 1e-7))
+
+
+def compare_dp(args: argparse.Namespace, runs: dict, control: dict) -> None:
     import torch
 
     import vitqc
@@ -117,9 +166,7 @@ def compare_dp(args: argparse.Namespace, runs: dict) -> None:
     one, many = arts.values()
     rec = {name: a.manifest["record"]["joint_optimize"] for name, a in arts.items()}
     r1, rn = rec.values()
-    curve1, curven = torch.tensor(r1["loss_curve"]), torch.tensor(rn["loss_curve"])
-    assert curve1[:, 0].tolist() == curven[:, 0].tolist()
-    rel = ((curven[:, 1] - curve1[:, 1]).abs() / curve1[:, 1].abs()).tolist()
+    parting = loss_parting(r1["loss_curve"], rn["loss_curve"])
     # the two quantized programs' predictions on the eval images
     if args.model == "demo":
         from vitqc.demo import demo_eval_batches
@@ -136,9 +183,8 @@ def compare_dp(args: argparse.Namespace, runs: dict) -> None:
     agreement = float((preds[0] == preds[1]).float().mean())
     row = {"model": args.model, "pipeline": args.pipeline, "iterations": args.iterations, "batch_size": args.batch_size,
            "nproc": args.nproc, "threads_per_process": 1, "machine": machine(),
-           "eval_images": len(preds[0]), "quantized_agreement": agreement,
-           "loss_rel_diff_max": max(rel), "loss_rel_diff_first": rel[0], "loss_rel_diff_last": rel[-1],
-           "first_step_divergence_over_1e-5": next((int(curve1[i, 0]) for i, d in enumerate(rel) if d > 1e-5), None)}
+           "eval_images": len(preds[0]), "quantized_agreement": agreement, "loss_curves": parting,
+           "control_one_process_logits_x_1e-7": control}
     for name, a in arts.items():
         s = a.manifest["summary"]
         row[name] = {"wall_s": runs[name]["wall_s"], "joint_seconds": rec[name]["seconds"],
@@ -153,8 +199,12 @@ def compare_dp(args: argparse.Namespace, runs: dict) -> None:
         r = row[name]
         print(f"| {name} | {r['joint_seconds']} | {r['final']['loss']:.6f} | {100 * r.get('top1', float('nan')):.2f} | "
               f"{100 * r.get('agreement_with_fp', float('nan')):.2f} |")
-    print(f"loss curve ({len(rel)} points): relative difference max {max(rel):.2e}, at step 1 {rel[0]:.2e}, "
-          f"last {rel[-1]:.2e}; the two quantized models agree on {agreement:.2%} of {len(preds[0])} images ({path.name})")
+    for label, p in ((f"{args.nproc} processes vs one", parting), ("one process, logits x (1 + 1e-7), vs as is", control)):
+        before = p["rel_diff_max_before_parting"]
+        print(f"loss curves, {label}: first logged step {p['rel_diff_first']:.1e} apart (relative); over 1e-5 from step "
+              f"{p['first_step_over_1e-5'] or '- (never)'}" + (f" (within {before:.1e} before)" if before else "")
+              + f"; at most {p['rel_diff_max']:.2f}, last {p['rel_diff_last']:.2e}")
+    print(f"the two quantized models agree on {agreement:.2%} of {len(preds[0])} images ({path.name})")
 
 
 # ------------------------------------------------------------------------------------------- one step run
