@@ -15,8 +15,8 @@ Checkpoints are written every ``checkpoint_every`` steps to the work directory; 
 continues from the last one and ends where an uninterrupted run would (same seed, CPU). A non-finite loss
 stops the run, keeping the last good checkpoint. bf16 autocast is used on CUDA (``amp``), and
 ``activation_checkpointing`` recomputes each block's activations in backward instead of storing them. The teacher
-runs in inference mode (no_grad when compiled); with ``cache_teacher`` (no augmentation) its outputs for every calibration image are
-computed once and looked up.
+runs in inference mode (no_grad when compiled); with ``cache_teacher`` (no augmentation) its outputs for every
+calibration image are computed once and looked up.
 
 Under ``torchrun`` (:mod:`vitqc.distributed`) the run is data-parallel: every rank draws the same global batch
 (``batch_size``) from the same generator and computes its own slice of it; the gradients, scaled by each slice's
@@ -42,7 +42,6 @@ from torch.utils.checkpoint import checkpoint
 
 from vitqc import distributed as dist
 from vitqc.errors import VitqcError
-from vitqc.distributed import GradientReducer
 from vitqc.optim import GroupedAdam
 from vitqc.passes.base import CompileContext, PassResult, VitqcPass, graph_property, register_pass
 from vitqc.passes.insert_quantizers import quantizers
@@ -201,11 +200,6 @@ def apply_augment(x: torch.Tensor, flip: torch.Tensor, dy: list[int], dx: list[i
     pad = max(1, h // 8)
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
-
-
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and a crop shifted by up to 1/8 of the size (reflect padding)."""
-    return apply_augment(x, *augment_params(len(x), x.shape[-2], gen))
 
 
 def batch_images(pool: torch.Tensor, draw: Draw, lo: int, hi: int) -> torch.Tensor:
@@ -435,7 +429,7 @@ class _Training:
         self.state = _RunState.start(groups, o, ctx.seed)
         if ctx.resume and self.ckpt is not None:
             self.state.resume(self.ckpt, gm, o)
-        self.reducer = GradientReducer([p for g in groups for p in g["params"]]) if self.world > 1 else None
+        self.reducer = dist.GradientReducer([p for g in groups for p in g["params"]]) if self.world > 1 else None
         self.lsq_fix = math.sqrt(self.share)  # this rank's sqrt(b / B) for batch_sized_steps
         self.batch_sized = [p for p in batch_sized_steps(gm) if id(p) in trainable] if self.world > 1 else []
         self.autocast = _autocast(o, self.device)
