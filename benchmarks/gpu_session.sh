@@ -15,6 +15,14 @@
 #   packed_compiled     packed backend + torch.compile vs bf16, and packed vs artifact agreement on CUDA (issue 5)
 #   accuracy            joint-w1.58a8 and joint-w3a3 on vits14_cifar10 at batch 32 in what is left of BUDGET_S
 #                       (default 560 s), two processes side by side, iterations from the measured step rate
+#   scaling_memory      ViT-B/16 and ViT-L/16 joint step time (3 steps after the warm-up) and peak memory (CUDA max
+#                       allocated, each setting in its own process) at batch 32, plain and with activation
+#                       checkpointing (issue 24)
+#   data_parallel       only with 2+ GPUs: the ViT-S joint step at global batch 32 on 1 GPU and under torchrun on 2
+#                       (step time, loss curves; issue 24)
+#
+# `run scale` is issue 24's one command: cudagraph_throughput, scaling_memory, data_parallel (at most 470 s of step
+# limits on one GPU, 580 s with two).
 #
 # and, measured on the first run (H200, 2026-12-04; README), only when named: throughput (eager, plain vs fused),
 # packed (eager packed vs bf16), prompts (learned prompts at SD-Turbo's size).
@@ -95,6 +103,7 @@ print(max(100, min(4000, int(0.6 * rate * left) // 100 * 100)))
 
 steps=${*:2}
 steps=${steps:-cudagraph_throughput compile_throughput packed_compiled accuracy}
+steps=${steps/scale/cudagraph_throughput scaling_memory data_parallel}
 for name in $steps; do
   case $name in
     cudagraph_throughput)  # torch.compile + CUDA graphs (joint_optimize.compile_mode = "reduce-overhead") vs eager
@@ -114,8 +123,17 @@ for name in $steps; do
         --schemes w8a8,w4a8 --runs 30 --no-fakequant --threads 8 --tag cuda ;;
     prompts)
       step prompt_throughput 80 python3 prompt_throughput.py --arch sd-turbo --device cuda --steps 5 ;;
+    scaling_memory)  # batch 32, 3 steps after the warm-up, one process per setting (clean peaks)
+      step scaling_memory 170 python3 scaling.py memory --device cuda --batch 32 --steps 3 --threads 8 \
+        --models vit_base_patch16_224,vit_large_patch16_224 --configs plain,checkpointing ;;
+    data_parallel)
+      gpus=$(nvidia-smi -L | wc -l)
+      if [ "$gpus" -lt 2 ]; then echo "=== data_parallel: skipped, $gpus GPU"; continue; fi
+      step data_parallel_1gpu 50 python3 scaling.py step --device cuda --model vit_small_patch16_224 --batch 32 --steps 20 --threads 4
+      step data_parallel_2gpu 60 torchrun --standalone --nproc-per-node 2 scaling.py step --device cuda \
+        --model vit_small_patch16_224 --batch 32 --steps 20 --threads 4 ;;
     accuracy) run_accuracy ;;
-    *) echo "gpu_session.sh: unknown step $name (steps: cudagraph_throughput compile_throughput packed_compiled accuracy throughput packed prompts)"; exit 2 ;;
+    *) echo "gpu_session.sh: unknown step $name (steps: cudagraph_throughput compile_throughput packed_compiled accuracy throughput packed prompts scaling_memory data_parallel; scale)"; exit 2 ;;
   esac
 done
 tar czf "$OUT/results.tgz" benchmarks/results

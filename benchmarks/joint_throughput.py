@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import gc
 import json
 import math
 import resource
@@ -152,6 +153,10 @@ def main() -> None:
         (plain ops, eager, torch Adam per group). joint_optimize records the time of its first steps (the compile,
         warm-up) apart: the rest over the steps after them."""
         if args.device.startswith("cuda"):
+            # the previous setting's graph is garbage but held by reference cycles (fx): freed first, so this peak is
+            # this setting's alone (the H200 peaks measured before 2026-12-07 include the earlier run's; scaling.py)
+            gc.collect()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         fused = mode if args.compare == "fused" else True
         compiled = mode if args.compare == "compile" else args.compare == "optimizer" and args.compile

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from vitqc import distributed
 from vitqc.errors import VitqcError
 from vitqc.layers import LayerTable
 from vitqc.passes.base import CompileContext
@@ -287,15 +288,21 @@ def compile(model: nn.Module | str | Any, pipeline: str | Pipeline, calib: Any =
     if calib is None and example is None and not (model == "demo" or isinstance(model, fx.GraphModule)):
         raise VitqcError("calibration images are required: --calib images:DIR (no labels needed), or without data "
                          "--calib inversion (in Python: calib=tensor or calib='images:DIR')")
-    if resume and (work_dir is None or not Path(work_dir).is_dir()):
+    if resume and distributed.is_main() and (work_dir is None or not Path(work_dir).is_dir()):
         raise VitqcError(f"--resume: no work directory {str(work_dir) if work_dir else ''!r}; pass the --work-dir "
                          f"of the interrupted run (its default is <out>.work)")
-    if out is not None:
+    if out is not None and distributed.is_main():
         check_output_path(out, "artifact")
     pipe = load_pipeline(pipeline).with_overrides(list(set) + _override_strings(overrides))
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" else device)
+    # under torchrun: one process per device (cuda:LOCAL_RANK), joint_optimize data-parallel; rank 0 alone prints,
+    # measures and writes (vitqc.distributed)
+    device = distributed.resolve_device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise VitqcError("--device cuda: no CUDA device is available here; use --device cpu")
+    distributed.init_from_env(distributed.backend_for(device))
+    main_rank = distributed.is_main()
+    quiet = quiet or not main_rank
+    dump_graphs = dump_graphs if main_rank else None
     seed_everything(seed)
     model_options = {k: v for k, v in (("model_kwargs", model_kwargs), ("checkpoint", checkpoint),
                                        ("pretrained", pretrained)) if v}
@@ -304,7 +311,7 @@ def compile(model: nn.Module | str | Any, pipeline: str | Pipeline, calib: Any =
     captured = isinstance(module, fx.GraphModule) and not is_exported_module(module)  # a torch.export program is not
     if not captured:
         check_finite_weights(module)
-    if out is not None:
+    if out is not None and main_rank:
         fp32_bytes = sum(t.numel() * 4 for t in module.state_dict().values() if isinstance(t, torch.Tensor))
         check_free_space(out, int(fp32_bytes * _ARTIFACT_BYTES_PER_FP32_BYTE) + (1 << 20), "artifact")
     if calib is None and loaded.source.get("form") == "demo":
@@ -341,7 +348,7 @@ def compile(model: nn.Module | str | Any, pipeline: str | Pipeline, calib: Any =
         calibration={} if calibration is None else calibration.record, seed=seed,
         overrides=list(set) + _override_strings(overrides),
         preview=None if calibration is None else calibration.images[:16].cpu())
-    if measure is not False:
+    if measure is not False and main_rank:
         evaluation = _eval_source(eval_data, loaded, preprocess, eval_limit)
         if evaluation is not None:
             batches, total, name = evaluation
@@ -355,6 +362,6 @@ def compile(model: nn.Module | str | Any, pipeline: str | Pipeline, calib: Any =
             result.measure(calibration.images.split(32), "calibration",
                            f"{len(calibration.images)} calibration images (not held out)", quiet=quiet)
     result.seconds = time.time() - started
-    if out is not None:
+    if out is not None and main_rank:
         result.save(out)
     return result

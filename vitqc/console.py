@@ -4,7 +4,6 @@ rank prints its own errors."""
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Iterator
 
 from rich.console import Console
@@ -12,27 +11,23 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
 
-__all__ = ["out", "err", "warn", "error", "progress_bar", "Bar", "is_main_process"]
+from vitqc.distributed import is_main, rank_prefix
 
+__all__ = ["out", "err", "warn", "error", "progress_bar", "Bar"]
 
-def is_main_process() -> bool:
-    """False on every rank but 0 of a torch.distributed run (read from torchrun's environment)."""
-    return int(os.environ.get("RANK", "0") or 0) == 0
-
-
-out = Console(soft_wrap=True, quiet=not is_main_process())  # one line per item, whatever the terminal width
+out = Console(soft_wrap=True, quiet=not is_main())  # one line per item, whatever the terminal width
 err = Console(stderr=True)
 
 
 def warn(message: str) -> None:
     """One warning line on stderr (rank 0 only)."""
-    if is_main_process():
+    if is_main():
         err.print(Text.assemble(("warning: ", "yellow"), message), soft_wrap=True, highlight=False)
 
 
 def error(message: str) -> None:
-    """One error line on stderr."""
-    err.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True, highlight=False)
+    """One error line on stderr (``rank N:`` first under torchrun with more than one process)."""
+    err.print(Text.assemble(("error: ", "bold red"), rank_prefix() + message), soft_wrap=True, highlight=False)
 
 
 class Bar:
@@ -60,7 +55,7 @@ class Bar:
 def progress_bar(description: str, total: float | None, unit: str = "it", quiet: bool = False,
                  completed: float = 0) -> Iterator[Bar]:
     """A rich progress bar on stderr (nothing when ``quiet`` or on a rank other than 0)."""
-    if quiet or not is_main_process():
+    if quiet or not is_main():
         yield Bar()
         return
     columns = [TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),

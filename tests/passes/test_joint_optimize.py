@@ -66,15 +66,15 @@ def test_resume_refuses_a_checkpoint_made_with_other_options(tmp_path, calib):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, calib, monkeypatch):
-    real_augment = jo.augment
+    real_augment = jo.apply_augment
     calls = {"n": 0}
 
-    def poisoned(x, gen):
+    def poisoned(x, *drawn):
         calls["n"] += 1
-        out = real_augment(x, gen)
+        out = real_augment(x, *drawn)
         return out * float("nan") if calls["n"] > 5 else out
 
-    monkeypatch.setattr(jo, "augment", poisoned)
+    monkeypatch.setattr(jo, "apply_augment", poisoned)
     with pytest.raises(vitqc.VitqcError, match=r"loss became nan at step 5; the last good checkpoint is kept"):
         vitqc.compile(tiny_vit(), joint_pipeline(10, checkpoint_every=4), calib, quiet=True, work_dir=str(tmp_path)).quantized
     saved = torch.load(tmp_path / jo.CHECKPOINT_NAME, weights_only=True)
@@ -174,3 +174,25 @@ def test_amp_cpu_runs_the_step_under_bf16_autocast_where_the_cpu_has_bf16(calib,
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     with pytest.raises(VitqcError, match="no native bf16 .*leave amp_cpu off"):
         vitqc.compile(tiny_vit(), joint_pipeline(1, amp_cpu=True), calib, quiet=True).quantized
+
+
+def test_cache_teacher_looks_up_what_the_teacher_would_compute(calib, capsys):
+    plain = vitqc.compile(tiny_vit(), joint_pipeline(3, augment=False), calib, quiet=True).quantized
+    cached = vitqc.compile(tiny_vit(), joint_pipeline(3, augment=False, cache_teacher=True), calib, quiet=True).quantized
+    a, b = trained_state(plain), trained_state(cached)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+    record, before = (g.meta["vitqc"]["record"]["joint_optimize"] for g in (cached, plain))
+    assert before["teacher"] == "inference_mode" and before["cache_teacher"] is None
+    info = record["cache_teacher"]
+    # 64 images x (5 logits + 2 blocks x 17 tokens x 32 channels) float32
+    assert record["teacher"] == "cached" and info["used"] and info["images"] == 64
+    assert info["mb"] == round(64 * (5 + 2 * 17 * 32) * 4 / 2**20, 1)
+    # over its budget it is skipped, said and recorded
+    over = vitqc.compile(tiny_vit(), joint_pipeline(1, augment=False, cache_teacher=True, cache_teacher_mb=0.1), calib).quantized
+    record = over.meta["vitqc"]["record"]["joint_optimize"]
+    assert record["teacher"] == "inference_mode" and record["cache_teacher"]["used"] is False
+    assert ("joint_optimize: the teacher's outputs for 64 images need 0.3 MB, over cache_teacher_mb=0.1; the teacher "
+            "runs every step instead\n") in capsys.readouterr().err
+    with pytest.raises(VitqcError, match="cache_teacher needs a fixed calibration set: set joint_optimize.augment=false"):
+        vitqc.compile(tiny_vit(), joint_pipeline(1, cache_teacher=True), calib, quiet=True).quantized

@@ -26,6 +26,7 @@ from torch import nn
 from vitqc.calib import Source, plan_items
 from vitqc.calib.features import forward, normalise
 from vitqc.calib.inversion import frozen, kl_disagreement
+from vitqc.distributed import is_main
 from vitqc.errors import VitqcError
 
 ROUND_FILE = "datafree_round{}.pt"
@@ -100,7 +101,7 @@ class DatafreeRounds:
                                     "read_back": True})
             else:
                 new = self._generate(self.done, images, student)
-                if path is not None:
+                if path is not None and is_main():  # under torchrun rank 0 alone writes
                     path.parent.mkdir(parents=True, exist_ok=True)
                     torch.save(new, path.with_name(path.name + ".tmp"))
                     path.with_name(path.name + ".tmp").replace(path)

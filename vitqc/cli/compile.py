@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import shutil
-
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 import vitqc
+from vitqc import distributed
 from vitqc.cli import render
 from vitqc.cli.options import (Channels, Checkpoint, CropPct, ImgSize, Interp, Mean, ModelKwargs, Pretrained, Seed,
                                Std, model_options, preprocess_from_flags)
@@ -51,6 +51,8 @@ def compile_command(
         calib_size=calib_size, holdout=holdout, eval_data=eval_data, eval_limit=eval_limit, out=target, seed=seed,
         set=set_, device=device, work_dir=work, resume=resume, dump_graphs=dump_graphs, class_names=class_names,
         diffusion=diffusion, measure=True, strict=strict, **model_options(model_kwargs, checkpoint, pretrained))
+    if not distributed.is_main():
+        return  # under torchrun rank 0 alone writes and prints
     shutil.rmtree(work, ignore_errors=True)  # checkpoints are only for resuming an unfinished compile
     m = result.measurement
     out.print(render.layer_table(result.layers.to_list(), m["sqnr_db"], f"per-layer SQNR on {m['data']}"))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vitqc.distributed import is_main
 from vitqc.errors import VitqcError
 from vitqc.passes.base import CompileContext
 from vitqc.precision.budget import Budget
@@ -97,7 +98,7 @@ class SearchState:
 
     def save(self, ctx: CompileContext) -> None:
         path = self._path(ctx)
-        if path is None:
+        if path is None or not is_main():  # under torchrun rank 0 alone writes
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {"generation": self.generation, "population": [list(g) for g in self.population],
