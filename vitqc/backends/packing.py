@@ -11,8 +11,8 @@ program. Values are unsigned here: a quantized code ``c`` in ``[qmin, qmax]`` is
 of the field holds the values at ``j, j+S, ..., j+(v-1)S`` (``i``-th one in bits ``[w*i, w*(i+1))``). The
 fields are concatenated: ``Kp * b / 8`` bytes a row, exactly b bits a value (4-bit = two values a byte,
 3-bit = 8 values in 3 bytes, ternary as 2-bit = 4 a byte). Planar rather than interleaved because
-unpacking is then ``v`` contiguous shift-and-mask slices joined by one ``cat``: about 4x faster on CPU than
-re-interleaving nibbles with ``stack``.
+unpacking is then ``v`` contiguous shift-and-mask slices joined by one ``cat``, faster on CPU than
+re-interleaving nibbles with ``stack`` (docs/findings.md, "Weight packing").
 
 **Base-3 ternary** (``pack_trits``): trits ``t`` in {0, 1, 2} (= code + 1), five a byte
 (3^5 = 243 <= 256): byte ``j = sum_i t[j + i*S] * 3^i``, ``S = ceil(K/5)``; 1.6 bits a value against 2.
@@ -123,7 +123,7 @@ def unpack_trits(packed: Tensor, k: int) -> Tensor:
     """Inverse of :func:`pack_trits`: uint8 ``[..., k]`` in {0, 1, 2}.
 
     Digits by repeated division by 3 in int16 with ``q // 3 == ((q + 1) * 85) >> 8`` (exact for 0 <= q <= 255,
-    checked in the tests); measured ~3x faster on CPU than float division and ~1.5x faster than a lookup table.
+    checked in the tests): faster on CPU than float division or a lookup table (docs/findings.md).
     """
     s = -(-k // TRITS_PER_BYTE)
     if packed.shape[-1] != s:

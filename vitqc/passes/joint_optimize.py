@@ -72,9 +72,8 @@ class JointOptimizeOptions:
     lr_quant: float = 1e-3  # relative to each step's initial magnitude
     lr_zero_point: float = 1e-2  # in integer levels
     lr_rescale: float = 1e-3  # on log factors
-    # refinement offsets, in steps. 1e-2, not 1e-3: at 1e-3 Adam moves an offset ~0.15 step in 300 cosine
-    # iterations, too little to re-round anything (vits14 W4A4, 300x8: 71.75 -> 75.75 % top-1;
-    # benchmarks/results/joint_tuning_vits14.json)
+    # refinement offsets, in steps; 1e-3 moves an offset too little in a few hundred iterations to re-round
+    # anything (docs/findings.md, "Joint optimization")
     lr_refine: float = 1e-2
     kl_weight: float = 1.0
     feature_weight: float = 1.0
@@ -84,17 +83,13 @@ class JointOptimizeOptions:
     mode: Literal["joint", "blockwise"] = "joint"
     checkpoint_every: int = 200
     amp: bool = True  # bf16 autocast on CUDA
-    # bf16 autocast on a CPU too, where it computes bf16 natively (AVX-512 BF16 / AMX): its GEMMs, most of a CPU
-    # step, run ~2.3x faster. Measured (2-core AMD EPYC, vits14 joint-w4a4 300 x 8, 1 thread, 2,000 test images):
-    # 342 s instead of 488 s, 75.30 % vs 74.80 % top-1; joint-w3a3 354 s vs 516 s, 56.00 vs 53.60 %. Off by
-    # default: the README's CPU figures are float32.
+    # bf16 autocast on a CPU too, where it computes bf16 natively (AVX-512 BF16 / AMX): faster GEMMs, no loss
+    # measured (docs/findings.md). Off by default: the README's CPU figures are float32.
     amp_cpu: bool = False
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     # torch.compile (inductor) the teacher and student forwards (and so the student's backward): eager, one
-    # step dispatches ~7k small kernels (vits14 W4A4; joint_throughput.py --count-ops), which bounds a GPU step
-    # by host and launch overhead, not arithmetic.
-    # The first steps pay the compile. Measured: 1.6x the steps/s on a 2-core CPU (vits14 shape, batch 2); on
-    # a GPU not yet (eager: 5.4 it/s for ViT-S at batch 32 on an H200, the same at 112 px as at 224: launch-bound).
+    # step dispatches thousands of small kernels, which bounds a GPU step by host and launch overhead, not
+    # arithmetic. The first steps pay the compile (docs/findings.md).
     compile: bool = False
     # torch.compile's mode. "reduce-overhead" replays teacher and student (forward and backward) as CUDA graphs:
     # one launch each instead of one per kernel, for a step bound by launches. UNMEASURED on a GPU so far (no
