@@ -27,15 +27,15 @@ def _rewritten(gm, x):
 
 
 def test_quantizer_ops_rewritten_for_xnnpack_give_the_same_codes():
-    """amax/amin as max pooling, round as floor(x + 0.5): the same program output (no exact ties in random data;
-    LayerNorm's decomposition rounds differently, so compared in float, not bit for bit)."""
+    """amax/amin as max pooling, round as two additions: the same program output (LayerNorm's decomposition
+    rounds differently, so compared in float, not bit for bit)."""
     q = vitqc.compile(tiny_vit(), W4A4_TOKEN, _calib(), quiet=True).quantized
     gm, _, example, _ = float_program(q)
     x = torch.randn(2, *example.shape[1:], generator=torch.Generator().manual_seed(5))
     before, after, targets = _rewritten(gm, x)
     aten = torch.ops.aten
     assert not {aten.round.default, aten.amax.default, aten.amin.default, aten.clamp_min.default} & targets
-    assert aten.max.dim in targets and aten.floor.default in targets
+    assert aten.max.dim in targets
     assert float((before - after).abs().max() / before.abs().max()) < 1e-5
 
 
@@ -49,3 +49,29 @@ def test_model_ops_rewritten_for_xnnpack_compute_the_same():
     assert not {aten.layer_norm.default, aten.matmul.default, aten.unbind.int, aten.select.int} & targets
     assert {aten.mean.dim, aten.rsqrt.default, aten.bmm.default, aten.slice.Tensor} <= targets
     assert float((before - after).abs().max() / before.abs().max()) < 1e-5
+
+
+def test_round_is_half_to_even_bit_for_bit_in_torch_and_inside_xnnpack(tmp_path):
+    """Ties (k + 1/2) are where rounding half up would differ from torch.round: every one of them, and values a
+    last bit beside them, round as torch rounds, in the rewritten graph and in the lowered .pte."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    from vitqc.backends.executorch import count_delegates, load_pte
+
+    ties = torch.arange(-2048, 2048, dtype=torch.float32) + 0.5
+    x = torch.cat([ties, torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1),
+                   torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 300]).reshape(1, 4, 64, 64)
+
+    class Round(torch.nn.Module):
+        def forward(self, v):
+            return torch.round(v * 1.0)
+
+    graph = xnnpack_supported_ops(torch.export.export(Round(), (x,), strict=False).module())
+    assert torch.ops.aten.round.default not in {n.target for n in graph.graph.nodes}
+    assert torch.equal(graph(x), torch.round(x))
+    edge = to_edge_transform_and_lower(torch.export.export(graph, (x,), strict=False), partitioner=[XnnpackPartitioner()])
+    assert count_delegates(edge.exported_program().graph_module) == 1
+    (tmp_path / "round.pte").write_bytes(edge.to_executorch().buffer)
+    got = load_pte(tmp_path / "round.pte").execute([x])[0]
+    assert torch.equal(got, torch.round(x))
