@@ -59,5 +59,4 @@ def compile_command(
     for line in render.measurement_lines(m, result.pipeline.name) + ([f"report: {vitqc.report(result.path, report)}"]
                                                                       if report is not None else []):
         out.print(line, highlight=False)
-    out.print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.2f} MB) in {result.seconds:.1f}s",
-              highlight=False)
+    out.print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.2f} MB) in {result.seconds:.1f}s", highlight=False)
