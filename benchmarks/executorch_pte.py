@@ -6,6 +6,8 @@ it was lowered from.
         [--set MODEL:PASS.OPTION=VALUE ...] [--work DIR] [--result NAME] [--relower]
     python benchmarks/executorch_pte.py static-output --models vit_tiny_cifar10 --pipelines minmax-w8a8
         [--limit 10000] [--result NAME]
+    python benchmarks/executorch_pte.py portable-ops --models vits14_cifar10 --pipelines minmax-w8a8
+        [--without GeluConfig;SoftmaxConfig;MeanDimConfig] [--limit 1000] [--result NAME]
     python benchmarks/executorch_pte.py --time BASELINE.pte OTHER.pte ... [--runs 30] [--tag TAG]
 
 Per cell (model, pipeline): the pipeline is compiled with the model's calibration images (cifar10/calib, all
@@ -278,11 +280,56 @@ def print_table(cells: dict) -> None:
               f"x{c['speedup_vs_fp32_pte']} | {'yes' if c['exact'] else 'no'} |")
 
 
+@torch.no_grad()
+def portable_ops(args) -> None:
+    """Which of XNNPACK's float ops moves the argmax: the table's artifact for one model and pipeline (from --work,
+    compiled if absent) lowered once as usual and once per op class left out of the delegate (portable kernels
+    instead: ``--without GeluConfig;SoftmaxConfig;MeanDimConfig``), each ``.pte``'s argmax agreement with the
+    artifact on the same test images."""
+    import executorch.backends.xnnpack.partition.xnnpack_partitioner as xp
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+
+    from vitqc.artifact import load_artifact
+    from vitqc.backends.executorch import load_pte, lower_executorch, run_pte, save_pte
+    from vitqc.calib.images import load_images
+
+    require_shared()
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    (model_name,), (pipeline,) = args.models.split(","), args.pipelines.split(",")
+    module, pre, eval_dir, calib_dir, _ = load_reference_model(model_name)
+    calib = list(load_images(calib_dir, pre, args.calib_size, 0, quiet=True)[0].split(50))
+    art_path, info = artifact_for(module, pre, calib, model_name, pipeline, model_sets(args, model_name), work)
+    art = load_artifact(art_path)
+    test = decode_eval_set(eval_dir, pre, limit=args.limit, batch_size=100)
+    refs = [art.quantized(x).argmax(1) for x, _ in test]
+    real = xp.XnnpackPartitioner
+    rows = []
+    for left_out in [[]] + [[name] for name in args.without.split(";")] + [args.without.split(";")]:
+        configs = [c for c in ALL_PARTITIONER_CONFIGS if c.__name__ not in left_out]
+        xp.XnnpackPartitioner = lambda: real(configs=configs)  # lower_executorch imports it from this module
+        try:
+            result = lower_executorch(art, batch=args.batch, announce=None)
+        finally:
+            xp.XnnpackPartitioner = real
+        method = load_pte(save_pte(result, work / f"{art_path.stem}-portable-{'-'.join(left_out) or 'none'}.pte"))
+        agree = sum(int((run_pte(method, x, batch=args.batch).argmax(1) == r).sum()) for (x, _), r in zip(test, refs))
+        rows.append({"left_out_of_xnnpack": left_out, "portable_ops": result.portable_ops,
+                     "agreement": agree / sum(len(r) for r in refs)})
+        print(rows[-1], flush=True)
+    write_result(args.result, {"model": model_name, "pipeline": pipeline, **info, "images": sum(len(r) for r in refs),
+                               "batch": args.batch, "rows": rows, "cpu": cpu_model(), "threads": args.threads})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("command", nargs="?", choices=["table", "static-output"],
+    ap.add_argument("command", nargs="?", choices=["table", "static-output", "portable-ops"],
                     help="table: the faithfulness table; static-output: what an int8 output grid on every linear "
-                         "(XNNPACK's static int8 linear) would change (--models: one model)")
+                         "(XNNPACK's static int8 linear) would change (--models: one model); portable-ops: "
+                         "agreement with float op classes left out of XNNPACK (one model, one pipeline)")
+    ap.add_argument("--without", default="GeluConfig;SoftmaxConfig;MeanDimConfig",
+                    help="portable-ops: XNNPACK partitioner config classes to leave out, one at a time, then all")
     ap.add_argument("--models", default="vit_tiny_cifar10,vits14_cifar10")
     ap.add_argument("--pipelines", default="all", help="all built-in pipelines, or a comma-separated list")
     ap.add_argument("--limit", type=int, default=1000, help="test images (spread over the classes)")
@@ -300,8 +347,8 @@ def main() -> None:
     if args.time:
         return time_files(args.time, max(args.runs, 20), args.tag)
     if args.command is None:
-        ap.error("give a command (table, static-output) or --time")
-    (table if args.command == "table" else static_output)(args)
+        ap.error("give a command (table, static-output, portable-ops) or --time")
+    {"table": table, "static-output": static_output, "portable-ops": portable_ops}[args.command](args)
 
 
 if __name__ == "__main__":

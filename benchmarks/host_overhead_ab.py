@@ -44,7 +44,8 @@ def child(args: argparse.Namespace, compiled: list[bool]) -> None:
     out = {"vitqc": str(Path(vitqc.__file__).parents[1])}
     for c in compiled:
         pipe = joint_step_pipeline("w4a4", "token", args.batch, total, compile=c)
-        gm = vitqc.compile(copy.deepcopy(model), pipe, calib, quiet=True).quantized
+        gm = vitqc.compile(copy.deepcopy(model), pipe, calib, quiet=True)
+        gm = getattr(gm, "quantized", gm)  # a CompileResult; revisions before the library restructure return the graph
         r = gm.meta["vitqc"]["record"]["joint_optimize"]
         out["compiled" if c else "eager"] = 1e3 * (r["seconds"] - r["warmup_seconds"]) / (total - r["warmup_steps"])
     print(json.dumps(out), flush=True)
