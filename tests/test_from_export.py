@@ -7,7 +7,7 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 from vitqc.capture import capture, max_abs_diff
 from vitqc.errors import TraceFailure
