@@ -33,8 +33,8 @@ import torch
 
 from vitqc.options import parse_literal
 
-from common import (Timer, decode_eval_set, load_cells, load_reference_model, predictions, require_shared, run_cell,
-                    top1, without)
+from common import (Timer, decode_eval_set, folder_batches, load_cells, load_reference_model, predictions,
+                    require_shared, run_cell, top1, without)
 
 SCHEMES = ("w8a8", "w4a4", "w3a3", "w1.58a8")
 
@@ -81,12 +81,10 @@ def fp_cell(module, test):
 
 
 def table(args) -> None:
-    from vitqc.calib.images import load_images
-
     cells = load_cells(args.result)
     for name in args.models.split(","):
         module, pre, eval_dir, calib_dir, _ = load_reference_model(name)
-        calib = list(load_images(calib_dir, pre, None, 0, quiet=True)[0].split(50))
+        calib = folder_batches(calib_dir, pre)
         test = decode_eval_set(eval_dir, pre, limit=args.limit)
         fp_result = fp_cell(module, test)
         run_cell(cells, f"{name}/fp32", args.result, lambda: fp_result)
@@ -100,12 +98,11 @@ def table(args) -> None:
 
 
 def ablations(args) -> None:
-    from vitqc.calib.images import load_images
     from vitqc.pipeline import load_pipeline
 
     cells = load_cells(args.result)
     module, pre, eval_dir, calib_dir, _ = load_reference_model(args.model)
-    calib = list(load_images(calib_dir, pre, None, 0, quiet=True)[0].split(32))
+    calib = folder_batches(calib_dir, pre, batch_size=32)
     test = decode_eval_set(eval_dir, pre, limit=args.limit)
     joint = load_pipeline(f"joint-{args.scheme}")
     flat = torch.cat(calib)
@@ -148,11 +145,9 @@ def parse_try(text: str) -> dict:
 
 
 def tune(args) -> None:
-    from vitqc.calib.images import load_images
-
     cells = load_cells(args.result)
     module, pre, eval_dir, calib_dir, _ = load_reference_model(args.model)
-    calib = list(load_images(calib_dir, pre, None, 0, quiet=True)[0].split(32))
+    calib = folder_batches(calib_dir, pre, batch_size=32)
     test = decode_eval_set(eval_dir, pre, limit=args.limit)
     fp_result = fp_cell(module, test)
     prefix = f"{args.model}/{args.scheme}/{args.iterations}x{BATCH_SIZE}"

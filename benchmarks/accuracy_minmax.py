@@ -15,7 +15,7 @@ import copy
 
 import torch
 
-from common import Timer, decode_eval_set, load_reference_model, require_shared, top1, write_result
+from common import Timer, decode_eval_set, folder_batches, load_reference_model, require_shared, top1, write_result
 
 PIPELINES = ("minmax-w8a8", "minmax-w4a4")
 PT2E = ("pt2e-xnnpack-w8a8", "pt2e-xnnpack-w8a8-linear-only")
@@ -52,12 +52,10 @@ def main() -> None:
     args = ap.parse_args()
     require_shared()
     import vitqc
-    from vitqc.calib.images import load_images
-
     rows = []
     for name in args.models.split(","):
         module, pre, eval_dir, calib_dir, card = load_reference_model(name)
-        calib = list(load_images(calib_dir, pre, args.calib_size, 0, quiet=True)[0].split(50))
+        calib = folder_batches(calib_dir, pre, args.calib_size)
         test = decode_eval_set(eval_dir, pre, limit=args.limit)
         n = sum(len(y) for _, y in test)
         with Timer() as t:

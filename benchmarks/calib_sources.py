@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, Timer, decode_eval_set, load_reference_model, machine, require_shared, top1, write_result
+from common import (ROOT, Timer, decode_eval_set, folder_batches, load_reference_model, machine, require_shared, top1,
+                    write_result)
 
 sys.path.insert(0, str(ROOT))
 
@@ -54,11 +55,9 @@ def calibration(source: str, module, pre, calib_dir: Path, size: int, args) -> t
     """(normalised batches, record, the Source that made them or None for real images)."""
     from vitqc.calib import calibration_batches, make_source
     from vitqc.calib.spec import parse_options
-    from vitqc.calib.images import load_images
-
     if source == "real":
         with Timer() as t:
-            batches = list(load_images(calib_dir, pre, size, 0, quiet=True)[0].split(32))
+            batches = folder_batches(calib_dir, pre, size, batch_size=32)
         return batches, {"seconds_generate": round(t.seconds, 2)}, None
     options: dict = {}
     if source == "inversion":

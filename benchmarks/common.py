@@ -38,6 +38,13 @@ def load_reference_model(name: str):
     return module, Preprocess.from_timm(zoo.timm_data_config(card)), eval_dir, calib_dir, card
 
 
+def folder_batches(calib_dir, preprocess, size: int | None = None, batch_size: int = 50) -> list[torch.Tensor]:
+    """``size`` calibration images (all when None) from ``calib_dir``, vitqc's seeded class-balanced draw, in batches."""
+    from vitqc.calib.images import load_images
+
+    return list(load_images(calib_dir, preprocess, size, 0, quiet=True)[0].split(batch_size))
+
+
 def load_timing_model(name: str, calib_size: int):
     """(module, calibration batches, (Preprocess, eval_dir) or None) for the latency benchmarks. timm
     ``vit_small_patch16_224`` gets random weights and random calibration images: timing only, no eval set."""
@@ -48,11 +55,9 @@ def load_timing_model(name: str, calib_size: int):
         model = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
         calib = list(torch.randn(calib_size, 3, 224, 224, generator=torch.Generator().manual_seed(0)).split(16))
         return model, calib, None
-    from vitqc.calib.images import load_images
-
     require_shared()
     model, pre, eval_dir, calib_dir, _ = load_reference_model(name)
-    calib = list(load_images(calib_dir, pre, calib_size, 0, quiet=True)[0].split(50))
+    calib = folder_batches(calib_dir, pre, calib_size)
     return model, calib, (pre, eval_dir)
 
 

@@ -45,8 +45,8 @@ from pathlib import Path
 
 import torch
 
-from common import (Timer, cpu_model, decode_eval_set, load_cells, load_reference_model, require_shared,
-                    write_result)
+from common import (Timer, cpu_model, decode_eval_set, folder_batches, load_cells, load_reference_model,
+                    require_shared, write_result)
 
 DEFAULT_WORK = Path(os.environ.get("TMPDIR", "/tmp")) / "vitqc-pte-table"
 
@@ -179,13 +179,12 @@ def static_output(args) -> None:
     linear needs an int8 output grid, so every quantized linear and patch GEMM gets one (per tensor, min-max over
     the calibration images), simulated in torch on vitqc's own program; argmax agreement with the program as it is."""
     import vitqc
-    from vitqc.calib.images import load_images
     from vitqc.quant.modules import INT_LAYERS
 
     require_shared()
     torch.set_num_threads(args.threads)
     module, pre, eval_dir, calib_dir, _ = load_reference_model(args.models)
-    calib = list(load_images(calib_dir, pre, args.calib_size, 0, quiet=True)[0].split(50))
+    calib = folder_batches(calib_dir, pre, args.calib_size)
     test = decode_eval_set(eval_dir, pre, limit=args.limit, batch_size=250)
     rows = []
     for pipeline in args.pipelines.split(","):
@@ -230,7 +229,6 @@ def static_output(args) -> None:
 
 def table(args) -> None:
     from vitqc.backends.executorch import lower_executorch, save_pte
-    from vitqc.calib.images import load_images
     from vitqc.pipeline import builtin_pipelines
 
     require_shared()
@@ -242,7 +240,7 @@ def table(args) -> None:
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__}
     for model_name in args.models.split(","):
         module, pre, eval_dir, calib_dir, _ = load_reference_model(model_name)
-        calib = list(load_images(calib_dir, pre, args.calib_size, 0, quiet=True)[0].split(50))
+        calib = folder_batches(calib_dir, pre, args.calib_size)
         test = decode_eval_set(eval_dir, pre, limit=args.limit, batch_size=100)
         sets = model_sets(args, model_name)
         fp32_path = work / f"{model_name}-fp32-b{args.batch}.pte"
@@ -291,15 +289,13 @@ def portable_ops(args) -> None:
 
     from vitqc.artifact import load_artifact
     from vitqc.backends.executorch import load_pte, lower_executorch, run_pte, save_pte
-    from vitqc.calib.images import load_images
-
     require_shared()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     (model_name,), (pipeline,) = args.models.split(","), args.pipelines.split(",")
     module, pre, eval_dir, calib_dir, _ = load_reference_model(model_name)
-    calib = list(load_images(calib_dir, pre, args.calib_size, 0, quiet=True)[0].split(50))
+    calib = folder_batches(calib_dir, pre, args.calib_size)
     art_path, info = artifact_for(module, pre, calib, model_name, pipeline, model_sets(args, model_name), work)
     art = load_artifact(art_path)
     test = decode_eval_set(eval_dir, pre, limit=args.limit, batch_size=100)

@@ -19,7 +19,8 @@ import argparse
 import copy
 import sys
 
-from common import Timer, decode_eval_set, load_cells, load_reference_model, require_shared, run_cell, top1
+from common import (Timer, decode_eval_set, folder_batches, load_cells, load_reference_model, require_shared,
+                    run_cell, top1)
 
 
 def arm(module, pipeline, calib, test, overrides, seed):
@@ -60,12 +61,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="compile seed of both arms (cells of seed S > 0 end in @seedS)")
     args = ap.parse_args()
     require_shared()
-    from vitqc.calib.images import load_images
-
     result = args.result or f"mixed_precision_{args.model}"
     cells = load_cells(result)
     module, pre, eval_dir, calib_dir, _ = load_reference_model(args.model)
-    calib = list(load_images(calib_dir, pre, None, 0, quiet=True)[0].split(32))
+    calib = folder_batches(calib_dir, pre, batch_size=32)
     test = decode_eval_set(eval_dir, pre, limit=args.limit)
     joint = [f"joint_optimize.{k}={v}" for k, v in (("iterations", args.iterations), ("batch_size", args.batch_size))
              if v is not None]

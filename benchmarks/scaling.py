@@ -48,7 +48,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import ROOT, SHARED, machine, require_shared, write_result
+from common import ROOT, SHARED, folder_batches, machine, require_shared, write_result
 
 MODELS = ["vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224"]
 PREDICT = {"ViT-B/16": ("vit_base_patch16_224", 224, 12), "ViT-L/16": ("vit_large_patch16_224", 224, 24),
@@ -131,13 +131,12 @@ def perturbed_control(args: argparse.Namespace, model_args: list[str]) -> dict:
 
         load, calib = load_demo_model, demo_calibration(size=None, seed=0)
     else:
-        from vitqc.calib.images import load_images
         from vitqc.data import Preprocess
         from vitqc.models import load_model
 
         load = lambda: load_model(model_args[0]).module  # noqa: E731
         pre = Preprocess.from_timm(load_model(model_args[0]).data_config)
-        calib = list(load_images(model_args[2].removeprefix("images:"), pre, None, 0, quiet=True)[0].split(50))
+        calib = folder_batches(model_args[2].removeprefix("images:"), pre)
     sets = [f"joint_optimize.iterations={args.iterations}", f"joint_optimize.batch_size={args.batch_size}"]
 
     def curve(scale: float) -> list:
