@@ -285,13 +285,14 @@ def compile(model: nn.Module | str | Any, pipeline: str | Pipeline, calib: Any =
     from vitqc.passes.canonicalize import reference_copy
 
     started = time.time()
+    main_rank = distributed.is_main()  # torchrun's RANK (the group starts below); True in one process
     if calib is None and example is None and not (model == "demo" or isinstance(model, fx.GraphModule)):
         raise VitqcError("calibration images are required: --calib images:DIR (no labels needed), or without data "
                          "--calib inversion (in Python: calib=tensor or calib='images:DIR')")
-    if resume and distributed.is_main() and (work_dir is None or not Path(work_dir).is_dir()):
+    if resume and main_rank and (work_dir is None or not Path(work_dir).is_dir()):
         raise VitqcError(f"--resume: no work directory {str(work_dir) if work_dir else ''!r}; pass the --work-dir "
                          f"of the interrupted run (its default is <out>.work)")
-    if out is not None and distributed.is_main():
+    if out is not None and main_rank:
         check_output_path(out, "artifact")
     pipe = load_pipeline(pipeline).with_overrides(list(set) + _override_strings(overrides))
     # under torchrun: one process per device (cuda:LOCAL_RANK), joint_optimize data-parallel; rank 0 alone prints,
@@ -300,7 +301,6 @@ def compile(model: nn.Module | str | Any, pipeline: str | Pipeline, calib: Any =
     if device.type == "cuda" and not torch.cuda.is_available():
         raise VitqcError("--device cuda: no CUDA device is available here; use --device cpu")
     distributed.init_from_env(distributed.backend_for(device))
-    main_rank = distributed.is_main()
     quiet = quiet or not main_rank
     dump_graphs = dump_graphs if main_rank else None
     seed_everything(seed)

@@ -304,7 +304,7 @@ class JointOptimize(VitqcPass):
             raise VitqcError("joint_optimize needs the FP reference model (vitqc.compile provides it)")
         o = self.options
         training = _Training(self, gm, ctx)
-        images = torch.cat(ctx.calib_batches()).to(ctx.device)
+        images = ctx.calib_images().to(ctx.device)
         rounds = None
         if o.datafree_rounds:
             from vitqc.calib.cyclic import DatafreeRounds
