@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import vitqc
+from tests.program_json import first_symbolic_size
 from vitqc.archive import UnsafeProgram, check_output_path, program_members, read_program, write_archive
 
 
@@ -92,22 +93,7 @@ def test_symbolic_sizes_that_are_code_are_refused(members, tmp_path):
     text = json.dumps(data)
     assert '"expr_str"' in text
     hostile = json.loads(text)
-    def first_expr(obj):
-        if isinstance(obj, dict):
-            if "expr_str" in obj:
-                return obj
-            for v in obj.values():
-                found = first_expr(v)
-                if found is not None:
-                    return found
-        elif isinstance(obj, list):
-            for v in obj:
-                found = first_expr(v)
-                if found is not None:
-                    return found
-        return None
-
-    first_expr(hostile)["expr_str"] = _marker_code(marker)
+    first_symbolic_size(hostile)["expr_str"] = _marker_code(marker)
     with pytest.raises(UnsafeProgram, match="symbolic size"):
         read_program(_with(members, hostile).__getitem__, "p", "x")
     assert not marker.exists()

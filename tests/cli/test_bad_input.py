@@ -16,6 +16,7 @@ from PIL import Image
 
 from tests.conftest import run_cli, tiny_vit
 from tests.image_trees import random_image_folder
+from tests.program_json import first_symbolic_size
 
 CFG = dict(input_size=(3, 16, 16), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bicubic",
            crop_pct=1.0)
@@ -59,19 +60,6 @@ def _rewrite(src: Path, dst: Path, **members) -> Path:
 
 def _program(art: Path) -> dict:
     return json.loads(zipfile.ZipFile(art).read("quantized/program.json"))
-
-
-def _first_expr(obj):
-    if isinstance(obj, dict):
-        if "expr_str" in obj:
-            return obj
-        obj = list(obj.values())
-    if isinstance(obj, list):
-        for value in obj:
-            found = _first_expr(value)
-            if found is not None:
-                return found
-    return None
 
 
 MARKER = "hostile-code-ran"
@@ -127,7 +115,7 @@ def world(tmp_path_factory, tiny_artifact):
     program["guards_code"] = [f"({code}) is None"]
     _rewrite(art, w / "hostile_guard.vitqc", **{"quantized/program.json": program})
     program = _program(art)
-    _first_expr(program)["expr_str"] = code
+    first_symbolic_size(program)["expr_str"] = code
     _rewrite(art, w / "hostile_sympy.vitqc", **{"quantized/program.json": program})
     import pickle
 
