@@ -144,9 +144,10 @@ class CompileResult:
         """Compare the quantized program with the FP one over ``data`` (batches or (batch, labels) pairs):
         top-1 when labelled, argmax agreement, per-layer SQNR. Stored as ``measurement`` (and in the manifest)."""
         from vitqc.evaluate import compare
+        from vitqc.quant.rational_gelu import fast_rational_gelus
 
         q_program, ref_program = self.programs()
-        result = compare(ref_program.module(), q_program.module(), data,
+        result = compare(ref_program.module(), fast_rational_gelus(q_program.module()), data,
                          [layer.path for layer in self.layers.weight_layers], total=total, quiet=quiet)
         self.measurement = {"on": on, "data": description, **result.to_dict()}
         return self.measurement

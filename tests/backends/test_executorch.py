@@ -15,6 +15,7 @@ pytest.importorskip("executorch")
 
 from vitqc.backends.executorch import (describe_substitution, float_program, load_pte, lower_executorch,  # noqa: E402
                                        run_pte, save_pte)
+from vitqc.quant.pairwise_layer_norm import pairwise_layer_norm  # noqa: E402
 
 W4A8_HEAD8 = "canonicalize,insert_quantizers{weight_bits=4,act_bits=8,keep={head=8}},calibrate,materialize"
 W4A4_TOKEN = ("canonicalize,insert_quantizers{weight_bits=4,act_bits=4,act_granularity='token',keep={head=8,patch_embed=8}},"
@@ -74,17 +75,20 @@ def test_pte_loads_runs_and_computes_vitqc_static_a8(w4a8, tmp_path):
     result = lower_executorch(w4a8, batch=2, announce=lines.append)
     assert len(lines) == 1 and lines[0] == result.substitution  # said once, before lowering
     assert result.exact and result.cost is None
-    # LayerNorm, attention matmuls, qkv split and the quantizers rewritten into XNNPACK ops, constants folded:
-    # one segment; outside it only copies of 0-d scalars the edge dialect makes of float arguments
-    assert result.delegates == 1
-    assert set(result.portable_ops) <= {"dim_order_ops._to_dim_order_copy.default"}
+    # LayerNorm, attention matmuls, qkv split and the quantizers rewritten into XNNPACK ops, constants folded: one
+    # segment per LayerNorm (+ 1), split by its square root on the portable kernel (correctly rounded, as the
+    # program's); outside them only that and copies the edge dialect makes around it
+    norms = sum(n.target is pairwise_layer_norm for n in w4a8.graph.nodes)
+    assert norms == 5 and result.delegates == norms + 1
+    assert set(result.portable_ops) <= {"dim_order_ops._to_dim_order_copy.default", "aten.sqrt.default"}
+    assert result.portable_ops["aten.sqrt.default"] == norms
     x = _images(6)
     got = _run(result, tmp_path, x)
     with torch.no_grad():
         ref = w4a8(x)
     assert got.shape == ref.shape
-    # static A8 on vitqc's grid: vitqc's codes and integer GEMMs; only float ops (LayerNorm, softmax, GELU) round
-    # differently, and here no code moved (the A8 model of the previous backend was 10 % off)
+    # static A8 on vitqc's grid: vitqc's codes and integer GEMMs, the program's GELU and LayerNorm; only softmax's
+    # exp rounds differently, and here no code moved (the A8 model of the previous backend was 10 % off)
     assert _rel(got, ref) < 1e-6 and torch.equal(got.argmax(1), ref.argmax(1))
     assert [l["device"] for l in result.layers if l["path"] == "blocks.0.mlp.fc1"] == ["qc4w+dynA8"]
 
@@ -166,7 +170,9 @@ def test_fp32_baseline_drops_every_activation_quantizer(tmp_path):
                    for m in gm.modules())
     result = lower_executorch(q, fp32=True, batch=2, announce=None)
     assert {l["activation"] for l in result.layers} == {"fp32"}
-    assert result.delegates == 1 and not result.portable_ops  # the class token's expand is folded at lowering
+    # the class token's expand is folded at lowering; the LayerNorms' square roots (5) split the delegate
+    assert result.delegates == 6
+    assert set(result.portable_ops) <= {"dim_order_ops._to_dim_order_copy.default", "aten.sqrt.default"}
     x = _images(4)
     got = _run(result, tmp_path, x)
     with torch.no_grad():

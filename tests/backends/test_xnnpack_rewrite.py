@@ -40,8 +40,10 @@ def test_quantizer_ops_rewritten_for_xnnpack_give_the_same_codes():
 
 
 def test_model_ops_rewritten_for_xnnpack_compute_the_same():
-    """LayerNorm as 4-D means, batched matmul as bmm, unbind/select as slices: the float model's output kept."""
-    q = vitqc.compile(tiny_vit(), W4A4_TOKEN, _calib(), quiet=True).quantized
+    """ATen's LayerNorm as 4-D means, batched matmul as bmm, unbind/select as slices: the float model's output
+    kept."""
+    q = vitqc.compile(tiny_vit(), W4A4_TOKEN.replace("materialize", "materialize{layer_norm='aten'}"), _calib(),
+                      quiet=True).quantized
     gm, _, example, _ = float_program(q, activations=False)
     x = torch.randn(2, *example.shape[1:], generator=torch.Generator().manual_seed(5))
     before, after, targets = _rewritten(gm, x)
@@ -75,3 +77,19 @@ def test_round_is_half_to_even_bit_for_bit_in_torch_and_inside_xnnpack(tmp_path)
     (tmp_path / "round.pte").write_bytes(edge.to_executorch().buffer)
     got = load_pte(tmp_path / "round.pte").execute([x])[0]
     assert torch.equal(got, torch.round(x))
+
+
+def test_vitqcs_gelu_goes_to_xnnpack_as_its_gelu_kernel_and_the_pte_equals_the_program(tmp_path):
+    """A materialized program's GELU (some twenty ops) is one aten.gelu after the rewrite, and the .pte's
+    output equals the program's bit for bit."""
+    from vitqc.backends.executorch import load_pte, lower_executorch, run_pte, save_pte
+
+    q = vitqc.compile(tiny_vit(), "minmax-w8a8", _calib(), quiet=True).quantized
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    exported = torch.export.export(q, (x,), strict=False).module()
+    with torch.no_grad():
+        graph = xnnpack_supported_ops(exported)
+        targets = [n.target for n in graph.graph.nodes]
+        assert targets.count(torch.ops.aten.gelu.default) == 2
+        method = load_pte(save_pte(lower_executorch(q, example=x, batch=4, announce=None), tmp_path / "q.pte"))
+        assert torch.equal(run_pte(method, x, batch=4), q(x))

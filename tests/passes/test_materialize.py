@@ -59,3 +59,44 @@ def test_each_integer_layer_is_the_dequantized_formula_on_its_own_input(calib):
                 else:
                     ref = F.conv2d(x, layer.dequantized_weight(), layer.bias, layer.stride)
             assert _rel(out, ref) <= 1e-5, (pipe, name)
+
+
+def test_gelu_becomes_xnnpacks_rational_gelu_unless_aten_is_asked(calib):
+    from vitqc.quant.rational_gelu import rational_gelu
+
+    x = torch.cat(calib)[:8]
+    for gelu, expected in (("xnnpack", 2), ("aten", 0)):
+        q = vitqc.compile(tiny_vit(), f"canonicalize,insert_quantizers,calibrate,materialize{{gelu='{gelu}'}}", calib,
+                          quiet=True).quantized
+        record = q.meta["vitqc"]["record"]["materialize"]
+        assert (record["gelu"], record["rational_gelus"]) == (gelu, expected)
+        targets = [n.target for n in q.graph.nodes]
+        assert targets.count(rational_gelu) == expected
+        assert sum(isinstance(m, torch.nn.GELU) for m in q.modules()) == 2 - expected
+        assert torch.isfinite(q(x)).all()
+
+
+def test_tanh_gelu_is_left_as_it_is(calib):
+    model = tiny_vit()
+    for block in model.blocks:
+        block.mlp.act = torch.nn.GELU(approximate="tanh")
+    q = vitqc.compile(model, "minmax-w8a8", calib, quiet=True).quantized
+    assert q.meta["vitqc"]["record"]["materialize"]["rational_gelus"] == 0
+
+
+def test_layer_norm_becomes_pairwise_unless_aten_is_asked(calib):
+    from vitqc.quant.pairwise_layer_norm import pairwise_layer_norm
+
+    x = torch.cat(calib)[:8]
+    outputs = {}
+    for choice, expected in (("pairwise", 5), ("aten", 0)):
+        q = vitqc.compile(tiny_vit(), f"canonicalize,insert_quantizers,calibrate,materialize{{layer_norm='{choice}'}}",
+                          calib, quiet=True).quantized
+        record = q.meta["vitqc"]["record"]["materialize"]
+        assert (record["layer_norm"], record["pairwise_layer_norms"]) == (choice, expected)
+        assert [n.target for n in q.graph.nodes].count(pairwise_layer_norm) == expected
+        calls = [n for n in q.graph.nodes if n.op == "call_module"]
+        assert sum(isinstance(q.get_submodule(n.target), torch.nn.LayerNorm) for n in calls) == 5 - expected
+        outputs[choice] = q(x)
+    # the same model up to float rounding (and the activation codes it moves)
+    assert float((outputs["pairwise"] - outputs["aten"]).abs().max() / outputs["aten"].abs().max()) < 0.05

@@ -14,8 +14,12 @@ What runs where:
   vitqc's ``IntConv2d`` does. Weight-only layers (no input quantizer) stay float linears on the dequantized
   weight, as vitqc computes them.
 * attention matmuls run as vitqc's program computes them (codes and GEMM in fp32, exact below 2^24), or in
-  plain fp32 with ``attention="fp32"`` (not exact: vitqc's codes dropped there); softmax, LayerNorm, GELU and
-  the rescale after each integer GEMM run in fp32, so results agree with vitqc's up to float rounding. LayerNorm,
+  plain fp32 with ``attention="fp32"`` (not exact: vitqc's codes dropped there).
+* float ops: the rescale after each integer GEMM is XNNPACK's fused multiply-add, as vitqc's. A program
+  materialized with vitqc's own GELU and LayerNorm (the default) gets them bit for bit: its GELU is XNNPACK's GELU
+  kernel's formula (:mod:`vitqc.quant.rational_gelu`), its LayerNorm sums in an order the graph fixes and takes a
+  correctly rounded square root, which stays on ExecuTorch's portable kernel (:mod:`vitqc.quant.pairwise_layer_norm`).
+  Softmax (XNNPACK's exp) and programs with ATen's GELU or LayerNorm agree up to float rounding. ATen's LayerNorm,
   attention's batched matmuls and the quantizers' row min/max and rounding are rewritten into ops XNNPACK takes
   (:func:`vitqc.backends.xnnpack_rewrite.xnnpack_supported_ops`), so they run inside the delegates rather than on
   portable kernels between them.
@@ -43,8 +47,9 @@ from vitqc.backends.program import Unsupported, act_quant, codes_matmul, finish,
     modules_by_type, regions_of
 from vitqc.backends.xnnpack_act import ANCHORS, AnchoredInput, ClippedInput, PatchGemm, QuantizedInput, \
     StaticInt8Linear, device_act, padded_linear
-from vitqc.backends.xnnpack_rewrite import xnnpack_supported_ops
+from vitqc.backends.xnnpack_rewrite import SQRT_OUTSIDE_XNNPACK, is_to_dtype, xnnpack_supported_ops
 from vitqc.errors import VitqcError
+from vitqc.quant.rational_gelu import rational_gelu_nodes
 
 __all__ = ["PteResult", "lower_executorch", "describe_substitution", "inexact_parts", "measure_substitution",
            "float_program", "save_pte", "load_pte", "run_pte", "count_delegates", "ATTENTION"]
@@ -258,9 +263,12 @@ def inexact_parts(plans: list[_LayerPlan], attention: str = "vitqc") -> list[str
 
 
 def describe_substitution(plans: list[_LayerPlan], manifest: dict[str, Any] | None = None,
-                          attention: str = "vitqc", cost: dict[str, Any] | None = None) -> str:
+                          attention: str = "vitqc", cost: dict[str, Any] | None = None,
+                          gelu: tuple[int, int] = (0, 0), layer_norm: tuple[int, int] = (0, 0)) -> str:
     """One line: vitqc's scheme -> what XNNPACK will run, what is exact, and what is not (with ``cost``, the
-    measurement of :func:`measure_substitution`)."""
+    measurement of :func:`measure_substitution`). ``gelu``: the program's GELUs in XNNPACK's form
+    (:mod:`vitqc.quant.rational_gelu`) and in ATen's; ``layer_norm``: its LayerNorms in vitqc's pairwise form
+    (:mod:`vitqc.quant.pairwise_layer_norm`) and in ATen's."""
     def fmt_bits(b: float | None) -> str:
         return "?" if b is None else ("1.58" if float(b) == 1.58 else f"{float(b):g}")
 
@@ -283,7 +291,20 @@ def describe_substitution(plans: list[_LayerPlan], manifest: dict[str, Any] | No
                      f"{', ...' if len(float_layers) > 1 else ''}: weight-only or not a patchify conv)")
     if attention == "vitqc":
         notes.append("attention matmuls on vitqc's codes")
-    notes.append("LayerNorm, softmax, GELU and the rescales in fp32")
+    rational, aten_gelus = gelu
+    if rational:
+        notes.append("GELU as the program computes it (XNNPACK's kernel is its formula)")
+    if aten_gelus:
+        notes.append(f"{aten_gelus} GELU(s) computed by XNNPACK's kernel where the program has ATen's (last bits "
+                     "differ; recompile with materialize.gelu='xnnpack' for the same values)")
+    pairwise, aten_norms = layer_norm
+    if pairwise:
+        notes.append("LayerNorm as the program computes it (its pairwise sums in XNNPACK, square roots on the "
+                     "portable kernel)")
+    if aten_norms:
+        notes.append(f"{aten_norms} LayerNorm(s) as XNNPACK means and rsqrt where the program has ATen's kernel "
+                     "(last bits differ; recompile with materialize.layer_norm='pairwise' for the same values)")
+    notes.append("softmax (XNNPACK's exp) and the rescales in fp32")
     inexact = inexact_parts(plans, attention)
     if inexact:
         measured = "" if cost is None else (
@@ -398,7 +419,6 @@ def lower_executorch(source: Any, example: Tensor | None = None, *, fp32: bool =
     substitution is measured first (:func:`measure_substitution`, on ``check_inputs`` when given). ``announce``
     receives the one-line description before lowering (``None``: silent)."""
     try:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     except ImportError as exc:
@@ -409,7 +429,12 @@ def lower_executorch(source: Any, example: Tensor | None = None, *, fp32: bool =
         raise VitqcError(f"no exact XNNPACK form for: {'; '.join(inexact)} (lower without --exact / exact=True "
                          "to accept this substitution)")
     cost = measure_substitution(source, plans, example, attention, check_inputs) if inexact else None
-    substitution = "fp32 baseline: no quantization" if fp32 else describe_substitution(plans, manifest, attention, cost)
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    gelus = (len(rational_gelu_nodes(gm.graph)), sum(n.target is torch.ops.aten.gelu.default for n in calls))
+    norms = (sum(n.target is torch.ops.aten.sqrt.default and is_to_dtype(n.args[0], torch.float64) for n in calls),
+             sum(n.target is torch.ops.aten.layer_norm.default for n in calls))
+    substitution = "fp32 baseline: no quantization" if fp32 else describe_substitution(plans, manifest, attention, cost,
+                                                                                       gelus, norms)
     if announce is not None:
         announce(substitution)
     example = example[:1].expand(batch, *example.shape[1:]).contiguous()
@@ -421,7 +446,7 @@ def lower_executorch(source: Any, example: Tensor | None = None, *, fp32: bool =
             prepared = prepare_pt2e(graph, _quantizer(plans))
             prepared(example)  # observers: fixed or weight min-max; dynamic activations need no calibration
             program = _export(convert_pt2e(prepared), example, dynamic=False)
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        edge = to_edge_transform_and_lower(program, partitioner=[xnnpack_partitioner()])
         delegates = count_delegates(edge.exported_program().graph_module)
         portable = _portable_ops(edge.exported_program().graph_module)
         et = edge.to_executorch()
@@ -430,6 +455,14 @@ def lower_executorch(source: Any, example: Tensor | None = None, *, fp32: bool =
                "activation": "fp32" if fp32 else p.device_act}
               for p in plans]
     return PteResult(bytes(et.buffer), delegates, layers, substitution, fp32, portable, exact=not inexact, cost=cost)
+
+
+def xnnpack_partitioner():
+    """XNNPACK's partitioner with every op config but :data:`SQRT_OUTSIDE_XNNPACK`."""
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    return XnnpackPartitioner(configs=[c for c in ALL_PARTITIONER_CONFIGS if c.__name__ not in SQRT_OUTSIDE_XNNPACK])
 
 
 def count_delegates(gm: fx.GraphModule) -> int:

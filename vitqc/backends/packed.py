@@ -63,6 +63,7 @@ from vitqc.backends.program import ASSERTS, ActBuffers, ActQuant, Region, Unsupp
     describe_grid, finish, fold_constants, integer_layers, modules_by_type, quantized_program, regions_of, stack_paths
 from vitqc.errors import VitqcError
 from vitqc.quant.intops import integer_linear, patches
+from vitqc.quant.rational_gelu import fast_rational_gelus
 
 __all__ = ["ActQuant", "PackedLinear", "PackedPatchConv", "PackedProgram", "lower_packed",
            "save_packed", "load_packed", "fold_unpack", "quantized_program", "PACKED_FORMAT"]
@@ -231,7 +232,7 @@ class PackedProgram:
         docstring)."""
         if unpack not in ("call", "load"):
             raise VitqcError(f"unpack must be 'call' or 'load', got {unpack!r}")
-        gm = self.program.module()
+        gm = fast_rational_gelus(self.program.module())  # the program's GELU values, computed in place
         gm = fold_unpack(gm) if unpack == "load" else gm
         return torch.compile(gm, dynamic=False) if compile else gm
 

@@ -12,7 +12,9 @@ import operator
 import torch
 from torch import fx
 
-__all__ = ["xnnpack_supported_ops"]
+from vitqc.quant.rational_gelu import replace_rational_gelus
+
+__all__ = ["xnnpack_supported_ops", "rational_gelus_to_kernel", "is_to_dtype", "SQRT_OUTSIDE_XNNPACK"]
 
 
 ROUND_MAGIC = 1.5 * 2.0**23  # x + this rounds x to an integer (ties to even) for |x| < 2^22
@@ -36,9 +38,14 @@ def xnnpack_supported_ops(gm: fx.GraphModule) -> fx.GraphModule:
       bit for |x| < 2^22 (beyond, the codes are clamped anyway). ``floor(x + 0.5)`` would round ties up: ties are
       rare but not negligible in trained models (a joint-w8a8 vit_tiny_cifar10 program: 1.2 % of argmaxes moved).
     * ``clamp_min(x, lo)`` -> ``clamp(x, lo)``; ``detach`` and ``alias`` are dropped. Exact.
+    * vitqc's GELU (:func:`vitqc.quant.rational_gelu.rational_gelu`, some twenty ops) -> ``gelu``: XNNPACK's GELU
+      kernel is that formula. Exact.
+    * ``to(sqrt(to(x, float64)), float32)`` (:func:`vitqc.quant.pairwise_layer_norm.sqrt_rn`) -> ``sqrt(x)``,
+      which :data:`SQRT_OUTSIDE_XNNPACK` keeps on ExecuTorch's portable kernel: both correctly rounded. Exact.
     """
     aten = torch.ops.aten
     g = gm.graph
+    rational_gelus_to_kernel(g)
 
     def call(target, *args) -> fx.Node:
         return g.call_function(target, args)
@@ -109,6 +116,12 @@ def xnnpack_supported_ops(gm: fx.GraphModule) -> fx.GraphModule:
                 new = call(aten.sub.Tensor, call(aten.add.Tensor, node.args[0], ROUND_MAGIC), ROUND_MAGIC)
             elif node.target is aten.clamp_min.default:
                 new = call(aten.clamp.default, node.args[0], node.args[1])
+            elif is_to_dtype(node, torch.float32) and isinstance(node.args[0], fx.Node) \
+                    and node.args[0].target is aten.sqrt.default and is_to_dtype(node.args[0].args[0], torch.float64):
+                new = call(aten.sqrt.default, node.args[0].args[0].args[0])  # the float64 ops die below
+                for inner in (node.args[0], node.args[0].args[0]):  # with their dtype asserts
+                    for user in [u for u in inner.users if u.target is aten._assert_tensor_metadata.default]:
+                        g.erase_node(user)
             elif node.target in (aten.detach.default, aten.alias.default):
                 new = node.args[0]
             else:
@@ -117,6 +130,29 @@ def xnnpack_supported_ops(gm: fx.GraphModule) -> fx.GraphModule:
             new.meta["val"] = node.meta.get("val")
         node.replace_all_uses_with(new)
         g.erase_node(node)
+    g.eliminate_dead_code()
     g.lint()
     gm.recompile()
     return gm
+
+
+def is_to_dtype(node: object, dtype: torch.dtype) -> bool:
+    """``node`` converts a float32 tensor to ``dtype`` (``aten.to.dtype`` / ``_to_copy`` with that dtype only)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    aten = torch.ops.aten
+    if node.target is aten.to.dtype:
+        return len(node.args) >= 2 and node.args[1] == dtype and not node.kwargs
+    if node.target is aten._to_copy.default:
+        return set(node.kwargs) == {"dtype"} and node.kwargs["dtype"] == dtype
+    return False
+
+
+# XNNPACK's x86 square root is not correctly rounded (rsqrt-based); ExecuTorch's portable kernel is. A square root
+# is one value per LayerNorm row, so leaving it outside the delegate costs little (a split of the delegate).
+SQRT_OUTSIDE_XNNPACK = ("SquareRootConfig",)
+
+
+def rational_gelus_to_kernel(g: fx.Graph) -> int:
+    """Each vitqc GELU (:func:`~vitqc.quant.rational_gelu.rational_gelu`, exported) as one ``aten.gelu`` node."""
+    return replace_rational_gelus(g, torch.ops.aten.gelu.default)
