@@ -4,10 +4,13 @@ it was lowered from.
     python benchmarks/executorch_pte.py table [--models vit_tiny_cifar10,vits14_cifar10] [--pipelines all|a,b,...]
         [--limit 1000] [--batch 8] [--runs 20] [--threads 1] [--calib-size N]
         [--set MODEL:PASS.OPTION=VALUE ...] [--work DIR] [--result NAME] [--relower]
+    python benchmarks/executorch_pte.py retime [--work DIR] [--runs 20] [--result NAME]
     python benchmarks/executorch_pte.py static-output --models vit_tiny_cifar10 --pipelines minmax-w8a8
         [--limit 10000] [--result NAME]
     python benchmarks/executorch_pte.py portable-ops --models vits14_cifar10 --pipelines minmax-w8a8
         [--without GeluConfig;SoftmaxConfig;MeanDimConfig] [--limit 1000] [--result NAME]
+    python benchmarks/executorch_pte.py float-sensitivity --models vits14_cifar10 --pipelines minmax-w8a8
+        [--limit 1000] [--result NAME]
     python benchmarks/executorch_pte.py --time BASELINE.pte OTHER.pte ... [--runs 30] [--tag TAG]
 
 Per cell (model, pipeline): the pipeline is compiled with the model's calibration images (cifar10/calib, all
@@ -19,8 +22,8 @@ pass (e.g. fewer joint_optimize iterations for vits14, recorded in the cell). Th
 
 * argmax agreement of the ``.pte`` (``executorch.runtime``) with the artifact's program, and top-1 of both;
 * the float floor: agreement with the artifact of the artifact's own program after the ``.pte``'s graph rewrites
-  (``xnnpack_supported_ops``: LayerNorm as means and rsqrt, the rest exact), run in torch; how far one change of
-  float rounding order alone moves this model's argmax;
+  (``xnnpack_supported_ops``: ATen's LayerNorm as means and rsqrt, the rest exact; GELU and square roots as the
+  program computes them), run in torch; how far one change of float rounding order alone moves this model's argmax;
 * size: the ``.pte`` and the fp32 ``.pte`` in bytes, ``.pte`` bytes per weight of the weight layers, and an
   estimate of the weight storage alone: ``(pte - fp32 pte) / weights + 4`` (the fp32 file is the same graph with
   4-byte weights; scales and the rest are counted in);
@@ -37,15 +40,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from common import (Timer, cpu_model, decode_eval_set, folder_batches, load_cells, load_reference_model,
+from common import (RESULTS, Timer, cpu_model, decode_eval_set, folder_batches, load_cells, load_reference_model,
                     require_shared, write_result)
 
 DEFAULT_WORK = Path(os.environ.get("TMPDIR", "/tmp")) / "vitqc-pte-table"
@@ -122,6 +127,8 @@ def measure(art_path: Path, fp32_path: Path, module, test, batch: int, runs: int
     from vitqc.artifact import load_artifact
     from vitqc.backends.executorch import load_pte, lower_executorch, run_pte, save_pte
     from vitqc.backends.xnnpack_rewrite import xnnpack_supported_ops
+    from vitqc.quant.pairwise_layer_norm import sqrt_rn
+    from vitqc.quant.rational_gelu import rational_gelu, rational_gelu_nodes
 
     art = load_artifact(art_path)
     with Timer() as tl:
@@ -130,7 +137,17 @@ def measure(art_path: Path, fp32_path: Path, module, test, batch: int, runs: int
     method, fp32 = load_pte(pte), load_pte(fp32_path)
     program = art.quantized
     example = test[0][0][:batch].contiguous()
-    rewritten = xnnpack_supported_ops(torch.export.export(program, (example,), strict=False).module())
+    exported = torch.export.export(program, (example,), strict=False).module()
+    own_gelu = bool(rational_gelu_nodes(exported.graph))
+    rewritten = xnnpack_supported_ops(exported)
+    for node in rewritten.graph.nodes:  # in torch, the kernels the .pte's compute: XNNPACK's GELU is the
+        if node.op != "call_function":  # program's own (when it has that form); the portable sqrt is rounded right
+            continue
+        if node.target is torch.ops.aten.gelu.default and own_gelu:
+            node.target = rational_gelu
+        elif node.target is torch.ops.aten.sqrt.default:
+            node.target = sqrt_rn
+    rewritten.recompile()
     n = agree = agree_floor = right_art = right_pte = right_fp = 0
     with Timer() as te:
         for x, y in test:
@@ -266,6 +283,37 @@ def table(args) -> None:
     print_table(cells)
 
 
+def retime(args) -> None:
+    """Time every recorded cell's ``.pte`` again against its model's fp32 ``.pte`` (interleaved, ``--runs``), on a
+    quiet machine: the cells' latency fields are replaced and the load average recorded with them."""
+    from vitqc.backends.executorch import load_pte
+
+    torch.set_num_threads(args.threads)
+    work, cells = Path(args.work), load_cells(args.result)
+    for key, cell in cells.items():
+        stem = f"{cell['model']}-{cell['pipeline']}{'-' + '-'.join(sorted(cell['set'])) if cell['set'] else ''}"
+        pte = work / f"{stem.replace('=', '_')}-b{cell['batch']}.pte"
+        fp32 = work / f"{cell['model']}-fp32-b{cell['batch']}.pte"
+        if not (pte.exists() and fp32.exists()):
+            print(f"{key}: {pte if not pte.exists() else fp32} is not in --work; skipped", flush=True)
+            continue
+        method, baseline = load_pte(pte), load_pte(fp32)
+        x = torch.randn(*baseline.metadata.input_tensor_meta(0).sizes())
+        fp32_ms, pte_ms = interleaved(baseline, method, x, args.runs)
+        cell.update({"pte_ms": round(pte_ms, 2), "fp32_pte_ms": round(fp32_ms, 2),
+                     "speedup_vs_fp32_pte": round(fp32_ms / pte_ms, 2), "load_avg": os.getloadavg(), "retimed": True})
+        print(f"{key}: x{cell['speedup_vs_fp32_pte']} ({pte_ms:.2f} / {fp32_ms:.2f} ms)", flush=True)
+        write_result(args.result, {**_result_header(args.result), "cells": cells,
+                                   "retimed_by": "python " + " ".join(["benchmarks/executorch_pte.py", *sys.argv[1:]])})
+    print_table(cells)
+
+
+def _result_header(name: str) -> dict:
+    """A results file's fields other than its cells (kept when the cells are rewritten)."""
+    path = RESULTS / f"{name}.json"
+    return {k: v for k, v in json.loads(path.read_text()).items() if k != "cells"} if path.exists() else {}
+
+
 def print_table(cells: dict) -> None:
     print("\n| model | pipeline | options | images | .pte vs artifact | float floor | top-1 .pte / artifact (FP) | "
           "size MB (fp32) | B/weight (weights alone, est.) | ms .pte / fp32 .pte (batch) | speedup | exact |")
@@ -284,8 +332,10 @@ def portable_ops(args) -> None:
     compiled if absent) lowered once as usual and once per op class left out of the delegate (portable kernels
     instead: ``--without GeluConfig;SoftmaxConfig;MeanDimConfig``), each ``.pte``'s argmax agreement with the
     artifact on the same test images."""
-    import executorch.backends.xnnpack.partition.xnnpack_partitioner as xp
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    import vitqc.backends.executorch as vx
 
     from vitqc.artifact import load_artifact
     from vitqc.backends.executorch import load_pte, lower_executorch, run_pte, save_pte
@@ -300,15 +350,17 @@ def portable_ops(args) -> None:
     art = load_artifact(art_path)
     test = decode_eval_set(eval_dir, pre, limit=args.limit, batch_size=100)
     refs = [art.quantized(x).argmax(1) for x, _ in test]
-    real = xp.XnnpackPartitioner
+    real = vx.xnnpack_partitioner
     rows = []
     for left_out in [[]] + [[name] for name in args.without.split(";")] + [args.without.split(";")]:
         configs = [c for c in ALL_PARTITIONER_CONFIGS if c.__name__ not in left_out]
-        xp.XnnpackPartitioner = lambda: real(configs=configs)  # lower_executorch imports it from this module
+        # lower_executorch calls this module's xnnpack_partitioner; the square root stays outside as it does there
+        vx.xnnpack_partitioner = lambda: XnnpackPartitioner(
+            configs=[c for c in configs if c.__name__ not in vx.SQRT_OUTSIDE_XNNPACK])
         try:
             result = lower_executorch(art, batch=args.batch, announce=None)
         finally:
-            xp.XnnpackPartitioner = real
+            vx.xnnpack_partitioner = real
         method = load_pte(save_pte(result, work / f"{art_path.stem}-portable-{'-'.join(left_out) or 'none'}.pte"))
         agree = sum(int((run_pte(method, x, batch=args.batch).argmax(1) == r).sum()) for (x, _), r in zip(test, refs))
         rows.append({"left_out_of_xnnpack": left_out, "portable_ops": result.portable_ops,
@@ -318,9 +370,62 @@ def portable_ops(args) -> None:
                                "batch": args.batch, "rows": rows, "cpu": cpu_model(), "threads": args.threads})
 
 
+def float_sensitivity(args) -> None:
+    """How far a last-bit change in each float op class moves this model's argmax: the artifact's program with one
+    op class (``layer_norm``, ``gelu``, ``softmax``; then all three) computed in float64 and rounded to float32 once,
+    against the program itself, on the same test images. A backend whose kernel for that op rounds differently
+    (XNNPACK's means and rsqrt for LayerNorm, its exp for softmax) moves about as many. A class the program does
+    not hold as that ATen op (vitqc's pairwise LayerNorm) is recorded as None: measure programs compiled with
+    ``--set MODEL:materialize.layer_norm=aten`` (and ``gelu=aten``) to see what vitqc's own forms avoid."""
+    from vitqc.artifact import load_artifact
+    from vitqc.backends.xnnpack_rewrite import rational_gelus_to_kernel
+
+    require_shared()
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    aten = torch.ops.aten
+    classes = {"layer_norm": {aten.layer_norm.default}, "gelu": {aten.gelu.default}, "softmax": {aten.softmax.int}}
+    classes["all three"] = set().union(*classes.values())
+
+    def in_float64(target):
+        def run(*a, **kw):
+            a = [v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in a]
+            return target(*a, **kw).float()
+        return run
+
+    out = load_cells(args.result)
+    for model_name in args.models.split(","):
+        module, pre, eval_dir, calib_dir, _ = load_reference_model(model_name)
+        calib = folder_batches(calib_dir, pre, args.calib_size)
+        test = decode_eval_set(eval_dir, pre, limit=args.limit, batch_size=100)
+        for pipeline in args.pipelines.split(","):
+            art_path, info = artifact_for(module, pre, calib, model_name, pipeline, model_sets(args, model_name), work)
+            program = load_artifact(art_path).quantized
+            with torch.no_grad():
+                refs = torch.cat([program(x).argmax(1) for x, _ in test])
+                row = {"model": model_name, "pipeline": pipeline, **info, "images": len(refs)}
+                for label, targets in classes.items():
+                    gm = copy.deepcopy(program)
+                    rational_gelus_to_kernel(gm.graph)  # vitqc's GELU as one node, to compute in float64
+                    hits = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets]
+                    for node in hits:
+                        node.target = in_float64(node.target)
+                    gm.recompile()
+                    if not hits:  # the program has none (vitqc's pairwise LayerNorm is not aten.layer_norm)
+                        row[label] = None
+                        continue
+                    got = torch.cat([gm(x).argmax(1) for x, _ in test])
+                    row[label] = float((got == refs).float().mean())
+            print(row, flush=True)
+            out[f"{model_name}/{pipeline}"] = row
+            write_result(args.result, {"cells": out, "cpu": cpu_model(), "threads": args.threads})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("command", nargs="?", choices=["table", "static-output", "portable-ops"],
+    ap.add_argument("command", nargs="?",
+                    choices=["table", "retime", "static-output", "portable-ops", "float-sensitivity"],
                     help="table: the faithfulness table; static-output: what an int8 output grid on every linear "
                          "(XNNPACK's static int8 linear) would change (--models: one model); portable-ops: "
                          "agreement with float op classes left out of XNNPACK (one model, one pipeline)")
@@ -344,7 +449,10 @@ def main() -> None:
         return time_files(args.time, max(args.runs, 20), args.tag)
     if args.command is None:
         ap.error("give a command (table, static-output, portable-ops) or --time")
-    {"table": table, "static-output": static_output, "portable-ops": portable_ops}[args.command](args)
+    if args.command == "float-sensitivity" and args.result == "executorch_pte-table":
+        args.result = "executorch_pte-float-sensitivity"
+    {"table": table, "retime": retime, "static-output": static_output, "portable-ops": portable_ops,
+     "float-sensitivity": float_sensitivity}[args.command](args)
 
 
 if __name__ == "__main__":
