@@ -108,7 +108,7 @@ def world(tmp_path_factory, tiny_artifact):
     _rewrite(art, w / "oldformat.vitqc", **{"manifest.json": {**manifest, "format": "vitqc-artifact/1"}})
     code = f"__import__('pathlib').Path({str(w / MARKER)!r}).write_text('ran')"
     program = _program(art)
-    node = next(n for n in program["graph_module"]["graph"]["nodes"] if n["target"].endswith("gelu.default"))
+    node = next(n for n in program["graph_module"]["graph"]["nodes"] if n["target"].endswith("addcmul.default"))
     node["target"] = "torch.serialization.os.system"
     _rewrite(art, w / "hostile_target.vitqc", **{"quantized/program.json": program})
     program = _program(art)
