@@ -116,6 +116,15 @@ def _integer_matmuls(gm: fx.GraphModule) -> int:
     return count
 
 
+def _replace_by_call(gm: fx.GraphModule, node: fx.Node, fn, args: tuple) -> None:
+    """``node`` (a GELU or LayerNorm) replaced by a call of ``fn(*args)``, keeping the metadata passes read."""
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(fn, args)
+    new.meta.update({k: v for k, v in node.meta.items() if k in ("tensor_meta", "vitqc_owner", "nn_module_stack")})
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
 def _rational_gelus(gm: fx.GraphModule) -> int:
     """Replace every GELU of the erf form (``nn.GELU`` / transformers' ``GELUActivation`` modules, ``F.gelu`` /
     ``aten.gelu`` calls) by :func:`rational_gelu`; the tanh approximation is left as it is."""
@@ -130,11 +139,7 @@ def _rational_gelus(gm: fx.GraphModule) -> int:
                 and len(node.args) == 1
         if not hit:
             continue
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(rational_gelu, (node.args[0],))
-        new.meta.update({k: v for k, v in node.meta.items() if k in ("tensor_meta", "vitqc_owner", "nn_module_stack")})
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        _replace_by_call(gm, node, rational_gelu, (node.args[0],))
         count += 1
     return count
 
@@ -152,9 +157,6 @@ def _pairwise_layer_norms(gm: fx.GraphModule) -> int:
         with gm.graph.inserting_before(node):
             weight = gm.graph.get_attr(f"{node.target}.weight") if norm.weight is not None else None
             bias = gm.graph.get_attr(f"{node.target}.bias") if norm.bias is not None else None
-            new = gm.graph.call_function(pairwise_layer_norm, (node.args[0], weight, bias, float(norm.eps)))
-        new.meta.update({k: v for k, v in node.meta.items() if k in ("tensor_meta", "vitqc_owner", "nn_module_stack")})
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        _replace_by_call(gm, node, pairwise_layer_norm, (node.args[0], weight, bias, float(norm.eps)))
         count += 1
     return count

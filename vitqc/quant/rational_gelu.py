@@ -38,12 +38,13 @@ _BETA = (1.0, 2.5060352683e-01, 2.8431978077e-02, 1.8622842617e-03, 7.2267655923
          1.1988805682e-06)  # denominator, x^0 .. x^10
 
 
-def _horner(x2: Tensor, coefficients: tuple[float, ...]) -> Tensor:
-    """``c[0] + x2 * (c[1] + x2 * (...))`` with every step one fused multiply-add, highest degree first."""
+def _horner(x2: Tensor, coefficients: tuple[float, ...], out: Tensor | None = None) -> Tensor:
+    """``c[0] + x2 * (c[1] + x2 * (...))`` with every step one fused multiply-add, highest degree first (into
+    ``out`` when given)."""
     c = [x2.new_full((), v) for v in coefficients]
-    acc = torch.addcmul(c[-2], x2, c[-1])
+    acc = torch.addcmul(c[-2], x2, c[-1], out=out) if out is not None else torch.addcmul(c[-2], x2, c[-1])
     for v in reversed(c[:-2]):
-        acc = torch.addcmul(v, x2, acc)
+        acc = torch.addcmul(v, x2, acc, out=acc) if out is not None else torch.addcmul(v, x2, acc)
     return acc
 
 
@@ -59,11 +60,8 @@ def _rational_gelu_into(x: Tensor, out: Tensor, scratch: Tensor) -> None:
     """:func:`rational_gelu` of ``x`` written into ``out`` (``scratch``: a buffer like it), op for op."""
     v = torch.clamp(x, -GELU_LIMIT, GELU_LIMIT)
     v2 = v * v
-    for acc, coefficients in ((out, _ALPHA), (scratch, _BETA)):
-        c = [x.new_full((), value) for value in coefficients]
-        torch.addcmul(c[-2], v2, c[-1], out=acc)
-        for value in reversed(c[:-2]):
-            torch.addcmul(value, v2, acc, out=acc)
+    _horner(v2, _ALPHA, out)
+    _horner(v2, _BETA, scratch)
     out.mul_(v).div_(scratch).add_(1.0)
     torch.mul(x, 0.5, out=scratch)
     out.mul_(scratch)
