@@ -47,7 +47,7 @@ from vitqc.backends.program import Unsupported, act_quant, codes_matmul, finish,
     modules_by_type, regions_of
 from vitqc.backends.xnnpack_act import ANCHORS, AnchoredInput, ClippedInput, PatchGemm, QuantizedInput, \
     StaticInt8Linear, device_act, padded_linear
-from vitqc.backends.xnnpack_rewrite import SQRT_OUTSIDE_XNNPACK, is_to_dtype, xnnpack_supported_ops
+from vitqc.backends.xnnpack_rewrite import SQRT_OUTSIDE_XNNPACK, is_sqrt_rn, xnnpack_supported_ops
 from vitqc.errors import VitqcError
 from vitqc.quant.rational_gelu import rational_gelu_nodes
 
@@ -431,7 +431,7 @@ def lower_executorch(source: Any, example: Tensor | None = None, *, fp32: bool =
     cost = measure_substitution(source, plans, example, attention, check_inputs) if inexact else None
     calls = [n for n in gm.graph.nodes if n.op == "call_function"]
     gelus = (len(rational_gelu_nodes(gm.graph)), sum(n.target is torch.ops.aten.gelu.default for n in calls))
-    norms = (sum(n.target is torch.ops.aten.sqrt.default and is_to_dtype(n.args[0], torch.float64) for n in calls),
+    norms = (sum(is_sqrt_rn(n) for n in calls),
              sum(n.target is torch.ops.aten.layer_norm.default for n in calls))
     substitution = "fp32 baseline: no quantization" if fp32 else describe_substitution(plans, manifest, attention, cost,
                                                                                        gelus, norms)

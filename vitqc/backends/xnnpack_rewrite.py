@@ -14,7 +14,7 @@ from torch import fx
 
 from vitqc.quant.rational_gelu import replace_rational_gelus
 
-__all__ = ["xnnpack_supported_ops", "rational_gelus_to_kernel", "is_to_dtype", "SQRT_OUTSIDE_XNNPACK"]
+__all__ = ["xnnpack_supported_ops", "rational_gelus_to_kernel", "is_to_dtype", "is_sqrt_rn", "SQRT_OUTSIDE_XNNPACK"]
 
 
 ROUND_MAGIC = 1.5 * 2.0**23  # x + this rounds x to an integer (ties to even) for |x| < 2^22
@@ -116,8 +116,7 @@ def xnnpack_supported_ops(gm: fx.GraphModule) -> fx.GraphModule:
                 new = call(aten.sub.Tensor, call(aten.add.Tensor, node.args[0], ROUND_MAGIC), ROUND_MAGIC)
             elif node.target is aten.clamp_min.default:
                 new = call(aten.clamp.default, node.args[0], node.args[1])
-            elif is_to_dtype(node, torch.float32) and isinstance(node.args[0], fx.Node) \
-                    and node.args[0].target is aten.sqrt.default and is_to_dtype(node.args[0].args[0], torch.float64):
+            elif is_sqrt_rn(node):
                 new = call(aten.sqrt.default, node.args[0].args[0].args[0])  # the float64 ops die below
                 for inner in (node.args[0], node.args[0].args[0]):  # with their dtype asserts
                     for user in [u for u in inner.users if u.target is aten._assert_tensor_metadata.default]:
@@ -146,6 +145,14 @@ def is_to_dtype(node: object, dtype: torch.dtype) -> bool:
     if node.target is aten._to_copy.default:
         return set(node.kwargs) == {"dtype"} and node.kwargs["dtype"] == dtype
     return False
+
+
+def is_sqrt_rn(node: fx.Node) -> bool:
+    """``node`` is the end of an exported :func:`~vitqc.quant.pairwise_layer_norm.sqrt_rn`:
+    ``to(sqrt(to(x, float64)), float32)``."""
+    inner = node.args[0] if node.args else None
+    return is_to_dtype(node, torch.float32) and isinstance(inner, fx.Node) \
+        and inner.target is torch.ops.aten.sqrt.default and is_to_dtype(inner.args[0], torch.float64)
 
 
 # XNNPACK's x86 square root is not correctly rounded (rsqrt-based); ExecuTorch's portable kernel is. A square root
