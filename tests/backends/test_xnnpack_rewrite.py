@@ -53,6 +53,27 @@ def test_model_ops_rewritten_for_xnnpack_compute_the_same():
     assert float((before - after).abs().max() / before.abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("c", [64, 384, 12, 7])
+def test_pairwise_sums_on_transposed_rows_add_the_same_pairs(c):
+    """vitqc's LayerNorm sums restated on [C, R]: the same values to the last bit, the old slices gone."""
+    from vitqc.backends.xnnpack_rewrite import pairwise_sums_transposed
+    from vitqc.quant.pairwise_layer_norm import pairwise_layer_norm, pairwise_sum_nodes
+
+    class Norm(torch.nn.Module):
+        def forward(self, v):
+            return pairwise_layer_norm(v, None, None, 1e-6)
+
+    x = torch.randn(3, 5, c, generator=torch.Generator().manual_seed(c)) * 4 + 1
+    gm = torch.export.export(Norm(), (x,)).module()
+    with torch.no_grad():
+        before = gm(x)
+        assert pairwise_sums_transposed(gm.graph) == 2
+        gm.recompile()
+        assert torch.equal(gm(x), before)
+    assert not pairwise_sum_nodes(gm.graph)
+    assert sum(n.target is torch.ops.aten.permute.default for n in gm.graph.nodes) == 2
+
+
 def test_round_is_half_to_even_bit_for_bit_in_torch_and_inside_xnnpack(tmp_path):
     """Ties (k + 1/2) are where rounding half up would differ from torch.round: every one of them, and values a
     last bit beside them, round as torch rounds, in the rewritten graph and in the lowered .pte."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitqc.quant.pairwise_layer_norm import pairwise_layer_norm, pairwise_sum, sqrt_rn
+from vitqc.quant.pairwise_layer_norm import pairwise_layer_norm, pairwise_sum, pairwise_sum_nodes, sqrt_rn
 
 
 def _x(c: int, rows: int = 64) -> torch.Tensor:
@@ -26,6 +26,23 @@ def test_pairwise_sum_adds_halves_then_the_odd_rest_left_to_right():
     quarters = halves[:, :3] + halves[:, 3:]
     expected = (quarters[:, 0:1] + quarters[:, 1:2]) + quarters[:, 2:3]
     assert torch.equal(pairwise_sum(x), expected)
+
+
+@pytest.mark.parametrize("c", [64, 12, 384, 7, 2])
+def test_pairwise_sums_are_found_in_an_exported_graph(c):
+    """Each exported pairwise_sum is found from its input to its output, and nothing else: a sum of halves in
+    another order (last half first) is not one."""
+    class Sums(torch.nn.Module):
+        def forward(self, x):
+            n = x.shape[-1] // 2
+            return pairwise_sum(x), pairwise_sum(x * x), x[..., n:2 * n] + x[..., :n]
+
+    x = _x(c, rows=6).reshape(2, 3, c)
+    g = torch.export.export(Sums(), (x,)).graph
+    found = pairwise_sum_nodes(g)
+    outputs = list(g.output_node().args[0])
+    assert [out for _, out in found] == outputs[:2]
+    assert found[0][0].op == "placeholder" and found[1][0].target is torch.ops.aten.mul.Tensor
 
 
 def test_sqrt_rn_is_correctly_rounded():

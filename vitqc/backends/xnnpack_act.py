@@ -119,7 +119,7 @@ class StaticInt8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         q, _, _ = self.act.codes(x, self.shift)
-        return self.layer(torch.cat([q, q[..., :ANCHORS] * 0.0 + self.anchors], -1))
+        return self.layer(torch.cat([q, self.anchors.expand(*q.shape[:-1], ANCHORS)], -1))
 
 
 class AnchoredInput(nn.Module):
@@ -139,8 +139,7 @@ class AnchoredInput(nn.Module):
         a = self.act
         if a.granularity == "tensor":
             x = torch.clamp(x, *self.bounds)
-            # x[..., :2] * 0 + anchors: anchor columns in the shape of x's rows, from ops XNNPACK delegates
-            anchors = x[..., :ANCHORS] * 0.0 + self.anchors
+            anchors = self.anchors.expand(*x.shape[:-1], ANCHORS)
         else:
             _, s, z = token_qparams(x, a.clip_ratio, a.qmin, a.qmax, a.symmetric)
             lo = (a.qmin - z) * s if z is not None else a.qmin * s
