@@ -5,6 +5,8 @@ it was lowered from.
         [--limit 1000] [--batch 8] [--runs 20] [--threads 1] [--calib-size N]
         [--set MODEL:PASS.OPTION=VALUE ...] [--work DIR] [--result NAME] [--relower]
     python benchmarks/executorch_pte.py retime [--work DIR] [--runs 20] [--result NAME]
+    python benchmarks/executorch_pte.py profile --models vit_tiny_cifar10 --pipelines minmax-w8a8 --work DIR
+        [--runs 20] [--result NAME]
     python benchmarks/executorch_pte.py static-output --models vit_tiny_cifar10 --pipelines minmax-w8a8
         [--limit 10000] [--result NAME]
     python benchmarks/executorch_pte.py portable-ops --models vits14_cifar10 --pipelines minmax-w8a8
@@ -32,8 +34,9 @@ pass (e.g. fewer joint_optimize iterations for vits14, recorded in the cell). Th
   quantization) is lowered once per model from its first artifact; weights' values do not change its time.
 
 Each cell is written to benchmarks/results/NAME.json when done; a rerun skips recorded cells (``--relower``: redo
-the lowering and measurements from the kept artifacts). ``--time`` re-times ``.pte`` files, calls interleaved,
-each as a ratio to the first. ``static-output`` measures why the lowering does not use XNNPACK's static int8 linear
+the lowering, the fp32 baseline's too, and the measurements from the kept artifacts). ``--time`` re-times ``.pte`` files, calls interleaved,
+each as a ratio to the first. ``profile`` says where a cell's ``.pte`` and its fp32 ``.pte`` spend their time, and
+what speedup any int8 GEMM could give at most (:func:`profile`). ``static-output`` measures why the lowering does not use XNNPACK's static int8 linear
 (:func:`static_output`).
 """
 from __future__ import annotations
@@ -261,6 +264,7 @@ def table(args) -> None:
         test = decode_eval_set(eval_dir, pre, limit=args.limit, batch_size=100)
         sets = model_sets(args, model_name)
         fp32_path = work / f"{model_name}-fp32-b{args.batch}.pte"
+        fp32_stale = args.relower  # --relower lowers the baseline again too (once per model)
         for pipeline in names:
             key = f"{model_name}/{pipeline}"
             if key in cells and not args.relower:
@@ -270,8 +274,9 @@ def table(args) -> None:
             art_path, info = artifact_for(module, pre, calib, model_name, pipeline, sets, work)
             if "compile_s" in cells.get(key, {}) and info["compile_s"] is None:
                 info["compile_s"] = cells[key]["compile_s"]  # compiled by an earlier run
-            if not fp32_path.exists():
+            if fp32_stale or not fp32_path.exists():
                 save_pte(lower_executorch(art_path, fp32=True, batch=args.batch, announce=None), fp32_path)
+                fp32_stale = False
             cell = {"model": model_name, "pipeline": pipeline, **info, "calib_images": sum(len(c) for c in calib),
                     **measure(art_path, fp32_path, module, test, args.batch, args.runs, work)}
             cells[key] = cell
@@ -283,6 +288,74 @@ def table(args) -> None:
     print_table(cells)
 
 
+def cell_ptes(work: Path, cell: dict) -> tuple[Path, Path]:
+    """The ``.pte`` a table cell lowered and its model's fp32 ``.pte``, in ``work``."""
+    stem = f"{cell['model']}-{cell['pipeline']}{'-' + '-'.join(sorted(cell['set'])) if cell['set'] else ''}"
+    return (work / f"{stem.replace('=', '_')}-b{cell['batch']}.pte",
+            work / f"{cell['model']}-fp32-b{cell['batch']}.pte")
+
+
+def op_profile(path: Path, runs: int) -> dict:
+    """Where a ``.pte``'s time goes, from an ETDump of ``runs`` calls on random input: per op class (XNNPACK's
+    operator names without their index, the portable kernels' names), the sum over its ops of each op's median ms,
+    and the whole call's median (``execute``). Profiling adds a little to every op, so the classes' shares are
+    what to read, not their sum."""
+    import re
+    import tempfile
+    import warnings
+
+    from executorch.devtools import Inspector
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(str(path), enable_etdump=True)
+    method = program.load_method("forward")
+    x = torch.randn(*method.metadata.input_tensor_meta(0).sizes())
+    for _ in range(runs):
+        method.execute([x])
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Inspector's note that no debug buffer (tensor values) was kept
+        program.write_etdump_result_to_file(f"{tmp}/p.etdp", f"{tmp}/debug.bin")
+        frame = Inspector(etdump_path=f"{tmp}/p.etdp").to_dataframe()
+    frame = frame[frame.event_block_name == "Execute"]
+    classes: dict[str, float] = {}
+    for name, ms in zip(frame.event_name, frame["p50 (ms)"]):
+        if name not in ("Method::execute", "DELEGATE_CALL"):
+            cls = re.sub(r" #\d+$", "", name)
+            classes[cls] = classes.get(cls, 0.0) + float(ms)
+    execute = float(frame[frame.event_name == "Method::execute"]["p50 (ms)"].sum())
+    return {"execute_ms": round(execute, 3), "ops_ms": round(sum(classes.values()), 3),
+            "classes_ms": {k: round(v, 3) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])}}
+
+
+def profile(args) -> None:
+    """Per recorded cell of ``--models`` x ``--pipelines`` with its files in ``--work``: :func:`op_profile` of its
+    ``.pte`` and of its model's fp32 ``.pte``, and the most any int8 GEMM could give (Amdahl): the fp32 call's
+    time over its time without its linears (``Fully Connected``), and without its batched matmuls too."""
+    cells, work = load_cells("executorch_pte-table"), Path(args.work)
+    out = load_cells(args.result)
+    names = args.pipelines.split(",")
+    for key, cell in cells.items():
+        if cell["model"] not in args.models.split(",") or (args.pipelines != "all" and cell["pipeline"] not in names):
+            continue
+        pte, fp32 = cell_ptes(work, cell)
+        if not (pte.exists() and fp32.exists()):
+            print(f"{key}: {pte if not pte.exists() else fp32} is not in --work; skipped", flush=True)
+            continue
+        base, quant = op_profile(fp32, args.runs), op_profile(pte, args.runs)
+        linear = sum(v for k, v in base["classes_ms"].items() if k.startswith("Fully Connected"))
+        bmm = sum(v for k, v in base["classes_ms"].items() if k.startswith("Batch Matrix Multiply"))
+        row = {"model": cell["model"], "pipeline": cell["pipeline"], "batch": cell["batch"], "fp32": base,
+               "quantized": quant, "fp32_linear_share": round(linear / base["execute_ms"], 3),
+               "fp32_bmm_share": round(bmm / base["execute_ms"], 3),
+               "bound_if_linears_free": round(base["execute_ms"] / (base["execute_ms"] - linear), 2),
+               "bound_if_all_gemms_free": round(base["execute_ms"] / (base["execute_ms"] - linear - bmm), 2)}
+        out[key] = row
+        print(f"{key}: linears {row['fp32_linear_share']:.0%} and batched matmuls {row['fp32_bmm_share']:.0%} of the "
+              f"fp32 .pte's time: at most x{row['bound_if_linears_free']} with free linears, "
+              f"x{row['bound_if_all_gemms_free']} with every GEMM free", flush=True)
+        write_result(args.result, {"cells": out, "runs": args.runs, "threads": 1, "load_avg": os.getloadavg()})
+
+
 def retime(args) -> None:
     """Time every recorded cell's ``.pte`` again against its model's fp32 ``.pte`` (interleaved, ``--runs``), on a
     quiet machine: the cells' latency fields are replaced and the load average recorded with them."""
@@ -291,9 +364,7 @@ def retime(args) -> None:
     torch.set_num_threads(args.threads)
     work, cells = Path(args.work), load_cells(args.result)
     for key, cell in cells.items():
-        stem = f"{cell['model']}-{cell['pipeline']}{'-' + '-'.join(sorted(cell['set'])) if cell['set'] else ''}"
-        pte = work / f"{stem.replace('=', '_')}-b{cell['batch']}.pte"
-        fp32 = work / f"{cell['model']}-fp32-b{cell['batch']}.pte"
+        pte, fp32 = cell_ptes(work, cell)
         if not (pte.exists() and fp32.exists()):
             print(f"{key}: {pte if not pte.exists() else fp32} is not in --work; skipped", flush=True)
             continue
@@ -425,7 +496,7 @@ def float_sensitivity(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("command", nargs="?",
-                    choices=["table", "retime", "static-output", "portable-ops", "float-sensitivity"],
+                    choices=["table", "retime", "profile", "static-output", "portable-ops", "float-sensitivity"],
                     help="table: the faithfulness table; static-output: what an int8 output grid on every linear "
                          "(XNNPACK's static int8 linear) would change (--models: one model); portable-ops: "
                          "agreement with float op classes left out of XNNPACK (one model, one pipeline)")
@@ -449,9 +520,9 @@ def main() -> None:
         return time_files(args.time, max(args.runs, 20), args.tag)
     if args.command is None:
         ap.error("give a command (table, static-output, portable-ops) or --time")
-    if args.command == "float-sensitivity" and args.result == "executorch_pte-table":
-        args.result = "executorch_pte-float-sensitivity"
-    {"table": table, "retime": retime, "static-output": static_output, "portable-ops": portable_ops,
+    if args.command in ("float-sensitivity", "profile") and args.result == "executorch_pte-table":
+        args.result = f"executorch_pte-{args.command}"
+    {"table": table, "retime": retime, "profile": profile, "static-output": static_output, "portable-ops": portable_ops,
      "float-sensitivity": float_sensitivity}[args.command](args)
 
 
