@@ -143,6 +143,16 @@ def gather_dict(local: dict[Any, Any]) -> dict[Any, Any] | None:
     return merged
 
 
+def all_gather_objects(local: Any) -> list[Any]:
+    """Every rank's ``local`` (picklable; tensors should be on the CPU), in rank order, on every rank. Without a
+    group: ``[local]``."""
+    if not is_initialized():
+        return [local]
+    out: list[Any] = [None] * td.get_world_size()
+    td.all_gather_object(out, local)
+    return out
+
+
 def all_sum(value: int) -> int:
     """Sum an integer over ranks (the value itself without a group)."""
     if not is_initialized():

@@ -58,3 +58,27 @@ def learn_prompts(rank: int, world: int, init_file: str, out: str, sd_dir: str) 
         (out_dir / f"rank{rank}.json").write_text(json.dumps({"lp": stats, "learned": sorted(lp.embeddings)}))
     finally:
         td.destroy_process_group()
+
+
+def datafree_round(rank: int, world: int, init_file: str, out: str) -> None:
+    """One data-free round of joint_optimize (inversion against a coarse student), its classes split across ranks;
+    each rank saves the pool it ends with and the round's record."""
+    _start(rank, world, init_file)
+    try:
+        import copy
+
+        from vitqc.calib.cyclic import DatafreeRounds
+        from vitqc.calib.inversion import InversionSource
+
+        model, pre = _model_and_preprocess()
+        student = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        src = InversionSource(model, pre, NAMES, seed=0, device="cpu", quiet=True, steps=2, batch_size=4)
+        rounds = DatafreeRounds(src, rounds=1, per_round=7, iterations=4, quiet=True)
+        pool = torch.zeros(3, *pre.input_size)
+        grown = rounds.images_at(rounds.starts[0], student, pool)
+        torch.save({"pool": grown, "record": rounds.record}, Path(out) / f"rank{rank}.pt")
+    finally:
+        td.destroy_process_group()

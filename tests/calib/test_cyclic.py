@@ -76,6 +76,22 @@ def test_prompts_generate_against_the_student(tiny_sampler):
         src.parse_options({"w_disagree": -1})
 
 
+def test_two_ranks_share_a_round_and_both_hold_all_of_it(tmp_path):
+    """Under torchrun a round's classes are split (rank r: classes c % 2 == r) and every rank ends with the same
+    pool: the images of both shares, in the round's order."""
+    from tests.calib.dist_worker import datafree_round
+
+    torch.multiprocessing.spawn(datafree_round, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert torch.equal(ranks[0]["pool"], ranks[1]["pool"]) and ranks[0]["pool"].shape == (3 + 7, 3, 16, 16)
+    src = make_source("inversion", tiny_vit(num_classes=5), Preprocess(input_size=(3, 16, 16), mean=(0.5,) * 3,
+                      std=(0.5,) * 3), ["cat", "dog", "airplane", "egg", "ship"], seed=0, device="cpu", quiet=True)
+    labels, _ = round_items(src, 3, 7, 1)
+    shares = [sum(int(c) % 2 == r for c in labels) for r in (0, 1)]
+    assert [r["record"][0]["generated_by_this_rank"] for r in ranks] == shares and min(shares) > 0
+    assert ranks[0]["record"][0]["images"] == 7 and not torch.equal(ranks[0]["pool"][3:4], ranks[0]["pool"][4:5])
+
+
 def test_noise_cannot_generate_against_the_student():
     src = make_source("noise", tiny_vit(), PRE, NAMES, seed=0, device="cpu", quiet=True)
     with pytest.raises(VitqcError, match="--calib noise cannot generate against the student"):

@@ -12,6 +12,9 @@ student)``.
 :class:`DatafreeRounds` is what joint_optimize drives: ``images_at(step, student, images)`` returns the pool
 to sample from at ``step``. Round images are kept in the work directory, so a resumed compile continues
 with the very images the interrupted one generated (regenerating them would need the student of that time).
+Under ``torchrun`` the ranks share a round's classes as calibration generation does (rank r makes the items of
+the classes c with ``c % world == r``, :func:`vitqc.calib.distributed.shard_classes`) and every rank then holds
+all of the round's images, in the round's order.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from torch import nn
 from vitqc.calib import Source, plan_items
 from vitqc.calib.features import forward, normalise
 from vitqc.calib.inversion import frozen, kl_disagreement
-from vitqc.distributed import is_main
+from vitqc.calib.distributed import shard_classes
+from vitqc.distributed import all_gather_objects, is_main, world_size
 from vitqc.errors import VitqcError
 
 ROUND_FILE = "datafree_round{}.pt"
@@ -113,20 +117,26 @@ class DatafreeRounds:
 
         source = self.source
         labels, indices = round_items(source, len(pool), self.per_round, round_index)
+        mine_classes = set(shard_classes(sorted(set(labels.tolist()))))
+        mine = [i for i, c in enumerate(labels.tolist()) if c in mine_classes]
         if not self.quiet:
+            share = f" ({world_size()} ranks share its classes)" if world_size() > 1 else ""
             err.print(f"joint_optimize: data-free round {round_index}/{self.rounds}: {source.name} generates "
-                          f"{len(labels)} images against the student", highlight=False, soft_wrap=True)
+                      f"{len(labels)} images against the student{share}", highlight=False, soft_wrap=True)
         was_training = student.training
         started = time.perf_counter()
         try:
-            images01 = source.generate_disagreement(labels, indices, student)
+            images01 = source.generate_disagreement(labels[mine], indices[mine], student).cpu() if mine else None
         finally:
             student.train(was_training)
+        parts = [part for part in all_gather_objects((mine, images01)) if part[0]]
+        order = torch.tensor([i for positions, _ in parts for i in positions])
+        images01 = torch.cat([images for _, images in parts])[torch.argsort(order)]
         seconds = time.perf_counter() - started
         new = normalise(images01, source.preprocess)
         with frozen(student, source.device):  # how much more the student disagrees on them than on the pool
             kl_new, kl_pool = (mean_disagreement(source, student, x) for x in (new, pool))
         self.record.append({"round": round_index, "step": self.starts[round_index - 1], "images": len(new),
-                            "seconds": round(seconds, 2), "kl_new_images": round(kl_new, 5),
-                            "kl_pool": round(kl_pool, 5)})
+                            "generated_by_this_rank": len(mine), "seconds": round(seconds, 2),
+                            "kl_new_images": round(kl_new, 5), "kl_pool": round(kl_pool, 5)})
         return new
