@@ -30,7 +30,7 @@ from vitqc.calib import Source, plan_items
 from vitqc.calib.features import forward, normalise
 from vitqc.calib.inversion import frozen, kl_disagreement
 from vitqc.calib.distributed import shard_classes
-from vitqc.distributed import all_gather_objects, is_main, world_size
+from vitqc.distributed import all_gather_objects, broadcast_tree, is_main, world_size
 from vitqc.errors import VitqcError
 
 ROUND_FILE = "datafree_round{}.pt"
@@ -97,10 +97,12 @@ class DatafreeRounds:
             self.done += 1
             path = self._path(self.done)
             if resumed and step > self.starts[self.done - 1]:
-                if path is None or not path.exists():
+                # rank 0 reads the work directory (only it need see it) and every rank gets its images
+                found = is_main() and path is not None and path.exists()
+                new = broadcast_tree(torch.load(path, map_location="cpu", weights_only=True) if found else None)
+                if new is None:
                     raise VitqcError(f"cannot resume: the images of data-free round {self.done} are not in the work "
                                      f"directory; start the compile over (without --resume)")
-                new = torch.load(path, map_location="cpu", weights_only=True)
                 self.record.append({"round": self.done, "step": self.starts[self.done - 1], "images": len(new),
                                     "read_back": True})
             else:
