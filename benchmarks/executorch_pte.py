@@ -334,6 +334,7 @@ def profile(args) -> None:
     cells, work = load_cells("executorch_pte-table"), Path(args.work)
     out = load_cells(args.result)
     names = args.pipelines.split(",")
+    baselines: dict[Path, dict] = {}  # one profile of each fp32 .pte, for all its cells
     for key, cell in cells.items():
         if cell["model"] not in args.models.split(",") or (args.pipelines != "all" and cell["pipeline"] not in names):
             continue
@@ -341,7 +342,9 @@ def profile(args) -> None:
         if not (pte.exists() and fp32.exists()):
             print(f"{key}: {pte if not pte.exists() else fp32} is not in --work; skipped", flush=True)
             continue
-        base, quant = op_profile(fp32, args.runs), op_profile(pte, args.runs)
+        if fp32 not in baselines:
+            baselines[fp32] = op_profile(fp32, args.runs)
+        base, quant = baselines[fp32], op_profile(pte, args.runs)
         linear = sum(v for k, v in base["classes_ms"].items() if k.startswith("Fully Connected"))
         bmm = sum(v for k, v in base["classes_ms"].items() if k.startswith("Batch Matrix Multiply"))
         row = {"model": cell["model"], "pipeline": cell["pipeline"], "batch": cell["batch"], "fp32": base,
