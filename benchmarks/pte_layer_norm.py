@@ -1,7 +1,8 @@
 """LayerNorm inside an XNNPACK ``.pte``: vitqc's reproducible form (``vitqc.quant.pairwise_layer_norm``) with its
-sums on transposed rows (what the lowering does, ``xnnpack_rewrite.pairwise_sums_transposed``) and with them sliced
-along the last dim (the exported graph as it is), against ATen's LayerNorm as vitqc's lowering restates it for
-XNNPACK (means and ``rsqrt``: the fp32 baseline a user would otherwise get).
+sums as the lowering restates them (``xnnpack_rewrite.pairwise_sums_transposed``: halves along the last dim, then
+on transposed rows) and sliced along the last dim to the end (the exported graph as it is), against ATen's
+LayerNorm as vitqc's lowering restates it for XNNPACK (means and ``rsqrt``: the fp32 baseline a user would
+otherwise get).
 
     python benchmarks/pte_layer_norm.py [--runs 30] [--tag TAG]
 
@@ -76,7 +77,7 @@ def main() -> None:
             expected = torch.export.export(vitqc_norms, (x,), strict=False).module()(x)
         methods = {"aten (XNNPACK means, rsqrt)": lowered(Norms(shape[-1], "aten"), x, True),
                    "vitqc, sums sliced along the last dim": lowered(vitqc_norms, x, False),
-                   "vitqc, sums on transposed rows (lowering)": lowered(vitqc_norms, x, True)}
+                   "vitqc, as lowered (halves along C down to width 64, then on transposed rows)": lowered(vitqc_norms, x, True)}
         ms = timed({k: (lambda m=m: m.execute([x])) for k, m in methods.items()}, args.runs)
         row = {"shape": label, "input": list(shape), "ms_per_layer_norm": {k: round(v / NORMS, 3) for k, v in ms.items()},
                "bit_for_bit": {k: bool(torch.equal(m.execute([x])[0], expected))

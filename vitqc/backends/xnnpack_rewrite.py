@@ -171,26 +171,38 @@ def rational_gelus_to_kernel(g: fx.Graph) -> int:
     return replace_rational_gelus(g, torch.ops.aten.gelu.default)
 
 
+# pairwise sums halve along the last dim while halves are this wide, then go on transposed (pte_layer_norm.json)
+TRANSPOSE_AT_WIDTH = 64
+
+
 def pairwise_sums_transposed(g: fx.Graph) -> int:
-    """Each exported :func:`~vitqc.quant.pairwise_layer_norm.pairwise_sum` of ``x`` [..., C] restated on
-    ``x`` viewed as [R, C] and transposed to [C, R]: the same additions of the same pairs (so the same values),
-    but each half is a contiguous block of rows and each addition runs along R. Slicing the last dim instead
-    copies short strided pieces, down to one column per row for the odd rest; on a ViT-S/14 the transposed
-    form takes about half the time of both that and XNNPACK's own mean (benchmarks/results/pte_layer_norm.json)."""
+    """Each exported :func:`~vitqc.quant.pairwise_layer_norm.pairwise_sum` of ``x`` [..., C] restated: halves
+    along the last dim while they are at least :data:`TRANSPOSE_AT_WIDTH` wide (long contiguous pieces), then the
+    rest on the rows transposed, [width, R], where each half is a contiguous block of rows and each addition runs
+    along R. The same additions of the same pairs, so the same values. Sliced along the last dim to the end, the
+    narrow levels copy short strided pieces, down to one column per row for the odd rest
+    (benchmarks/results/pte_layer_norm.json)."""
     aten = torch.ops.aten
+
+    def call(target, *args) -> fx.Node:
+        return g.call_function(target, args)
+
+    def halves(t: fx.Node, dim: int, n: int) -> fx.Node:
+        return call(aten.add.Tensor, call(aten.slice.Tensor, t, dim, 0, n), call(aten.slice.Tensor, t, dim, n, 2 * n))
+
     found = pairwise_sum_nodes(g)
     for src, out in found:
         shape = list(src.meta["val"].shape)
         rows, n = math.prod(shape[:-1]), shape[-1]
-
-        def call(target, *args) -> fx.Node:
-            return g.call_function(target, args)
-
         with g.inserting_before(out):
-            t = call(aten.permute.default, call(aten.reshape.default, src, [rows, n]), [1, 0])
+            t = call(aten.reshape.default, src, [rows, n])
+            while n % 2 == 0 and n // 2 >= TRANSPOSE_AT_WIDTH:
+                n //= 2
+                t = halves(t, 1, n)
+            t = call(aten.permute.default, t, [1, 0])
             while n > 1 and n % 2 == 0:
                 n //= 2
-                t = call(aten.add.Tensor, call(aten.slice.Tensor, t, 0, 0, n), call(aten.slice.Tensor, t, 0, n, 2 * n))
+                t = halves(t, 0, n)
             total = t if n == 1 else call(aten.slice.Tensor, t, 0, 0, 1)
             for i in range(1, n):
                 total = call(aten.add.Tensor, total, call(aten.slice.Tensor, t, 0, i, i + 1))
