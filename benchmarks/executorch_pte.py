@@ -59,6 +59,14 @@ from common import (RESULTS, Timer, cpu_model, decode_eval_set, folder_batches, 
 DEFAULT_WORK = Path(os.environ.get("TMPDIR", "/tmp")) / "vitqc-pte-table"
 
 
+def executorch_threads(n: int) -> None:
+    """ExecuTorch's threadpool, which XNNPACK's kernels share, to ``n`` threads (it starts with one per core).
+    Before any program is loaded: resetting it under a loaded program corrupts memory (executorch 1.5)."""
+    from executorch.extension.pybindings import portable_lib
+
+    portable_lib._unsafe_reset_threadpool(n)
+
+
 def interleaved(baseline, candidate, x: torch.Tensor, runs: int) -> tuple[float, float]:
     """Medians (ms) of two ``.pte`` methods called alternately on ``x`` after 3 warm-up calls each."""
     a, b = [], []
@@ -331,6 +339,7 @@ def profile(args) -> None:
     """Per recorded cell of ``--models`` x ``--pipelines`` with its files in ``--work``: :func:`op_profile` of its
     ``.pte`` and of its model's fp32 ``.pte``, and the most any int8 GEMM could give (Amdahl): the fp32 call's
     time over its time without its linears (``Fully Connected``), and without its batched matmuls too."""
+    torch.set_num_threads(args.threads)
     cells, work = load_cells("executorch_pte-table"), Path(args.work)
     out = load_cells(args.result)
     names = args.pipelines.split(",")
@@ -356,7 +365,8 @@ def profile(args) -> None:
         print(f"{key}: linears {row['fp32_linear_share']:.0%} and batched matmuls {row['fp32_bmm_share']:.0%} of the "
               f"fp32 .pte's time: at most x{row['bound_if_linears_free']} with free linears, "
               f"x{row['bound_if_all_gemms_free']} with every GEMM free", flush=True)
-        write_result(args.result, {"cells": out, "runs": args.runs, "threads": 1, "load_avg": os.getloadavg()})
+        write_result(args.result, {"cells": out, "runs": args.runs, "threads": args.threads,
+                                   "load_avg": os.getloadavg()})
 
 
 def retime(args) -> None:
@@ -375,7 +385,8 @@ def retime(args) -> None:
         x = torch.randn(*baseline.metadata.input_tensor_meta(0).sizes())
         fp32_ms, pte_ms = interleaved(baseline, method, x, args.runs)
         cell.update({"pte_ms": round(pte_ms, 2), "fp32_pte_ms": round(fp32_ms, 2),
-                     "speedup_vs_fp32_pte": round(fp32_ms / pte_ms, 2), "load_avg": os.getloadavg(), "retimed": True})
+                     "speedup_vs_fp32_pte": round(fp32_ms / pte_ms, 2), "load_avg": os.getloadavg(), "retimed": True,
+                     "executorch_threads": args.threads})
         print(f"{key}: x{cell['speedup_vs_fp32_pte']} ({pte_ms:.2f} / {fp32_ms:.2f} ms)", flush=True)
         write_result(args.result, {**_result_header(args.result), "cells": cells,
                                    "retimed_by": "python " + " ".join(["benchmarks/executorch_pte.py", *sys.argv[1:]])})
@@ -510,7 +521,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=1000, help="test images (spread over the classes)")
     ap.add_argument("--batch", type=int, default=8, help="static batch of the .pte programs")
     ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (vitqc's compile and reference program)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (vitqc's compile and reference program) and ExecuTorch's (XNNPACK's)")
     ap.add_argument("--calib-size", type=int, default=None, help="calibration images (default: all 1,000)")
     ap.add_argument("--set", action="append", default=[], metavar="MODEL:PASS.OPTION=VALUE")
     ap.add_argument("--work", default=str(DEFAULT_WORK), help="where artifacts and .pte files are kept")
@@ -519,6 +531,7 @@ def main() -> None:
     ap.add_argument("--time", nargs="+", metavar="PTE", help="only time these .pte files (ratios to the first)")
     ap.add_argument("--tag", default="", help="--time: results/executorch_pte[-TAG].json")
     args = ap.parse_args()
+    executorch_threads(args.threads)
     if args.time:
         return time_files(args.time, max(args.runs, 20), args.tag)
     if args.command is None:

@@ -8,7 +8,7 @@ otherwise get).
 
 Per shape (batch 8 x tokens x width of vit_tiny_cifar10, vits14_cifar10 and ViT-S/16 at 224 px): a program of 4
 LayerNorms in a row is lowered each way; medians of ``--runs`` calls, interleaved, in ms per LayerNorm; and whether
-each vitqc form's ``.pte`` gives the program's values bit for bit.
+each vitqc form's ``.pte`` gives the program's values bit for bit. One thread (torch's and ExecuTorch's).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from common import cpu_model, write_result
+from executorch_pte import executorch_threads
 from float_ops import timed
 
 SHAPES = {"vit_tiny_cifar10 b8": (8, 65, 64), "vits14_cifar10 b8": (8, 65, 384),
@@ -69,6 +70,7 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    executorch_threads(1)
     rows = []
     for label, shape in SHAPES.items():
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3 + 1
