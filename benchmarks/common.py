@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -131,6 +133,19 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+def interleaved_ms(calls: dict[str, Callable[[], object]], runs: int, warmup: int = 3) -> dict[str, float]:
+    """Median ms of each call over ``runs`` rounds after ``warmup`` rounds, the calls made in turn within each round
+    (so all see the same machine load)."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for i in range(warmup + runs):
+        for name, call in calls.items():
+            t = time.perf_counter()
+            call()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def load_cells(name: str) -> dict:

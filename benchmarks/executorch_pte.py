@@ -46,15 +46,13 @@ import copy
 import json
 import math
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from common import (RESULTS, Timer, cpu_model, decode_eval_set, folder_batches, load_cells, load_reference_model,
-                    require_shared, write_result)
+from common import (RESULTS, Timer, cpu_model, decode_eval_set, folder_batches, interleaved_ms, load_cells,
+                    load_reference_model, require_shared, write_result)
 
 DEFAULT_WORK = Path(os.environ.get("TMPDIR", "/tmp")) / "vitqc-pte-table"
 
@@ -69,18 +67,8 @@ def executorch_threads(n: int) -> None:
 
 def interleaved(baseline, candidate, x: torch.Tensor, runs: int) -> tuple[float, float]:
     """Medians (ms) of two ``.pte`` methods called alternately on ``x`` after 3 warm-up calls each."""
-    a, b = [], []
-    for _ in range(3):
-        baseline.execute([x])
-        candidate.execute([x])
-    for _ in range(runs):
-        t = time.perf_counter()
-        baseline.execute([x])
-        a.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        candidate.execute([x])
-        b.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(a), 1e3 * statistics.median(b)
+    ms = interleaved_ms({"baseline": lambda: baseline.execute([x]), "candidate": lambda: candidate.execute([x])}, runs)
+    return ms["baseline"], ms["candidate"]
 
 
 def time_files(paths: list[str], runs: int, tag: str) -> None:
@@ -88,16 +76,9 @@ def time_files(paths: list[str], runs: int, tag: str) -> None:
 
     methods = {p: load_pte(p) for p in paths}
     x = torch.randn(*methods[paths[0]].metadata.input_tensor_meta(0).sizes())
-    times: dict[str, list[float]] = {p: [] for p in paths}
-    for i in range(runs + 3):
-        for p, m in methods.items():
-            t = time.perf_counter()
-            m.execute([x])
-            if i >= 3:
-                times[p].append(time.perf_counter() - t)
-    base = statistics.median(times[paths[0]])
-    rows = [{"pte": p, "bytes": Path(p).stat().st_size, "ms": round(1e3 * statistics.median(times[p]), 2),
-             "speedup_vs_first": round(base / statistics.median(times[p]), 2)} for p in paths]
+    ms = interleaved_ms({p: (lambda m=m: m.execute([x])) for p, m in methods.items()}, runs)
+    rows = [{"pte": p, "bytes": Path(p).stat().st_size, "ms": round(ms[p], 2),
+             "speedup_vs_first": round(ms[paths[0]] / ms[p], 2)} for p in paths]
     for r in rows:
         print(f"| {r['pte']} | {r['ms']} ms | x{r['speedup_vs_first']} | {r['bytes'] / 1e6:.2f} MB |")
     write_result("executorch_pte", {"timed": rows, "runs": runs, "cpu": cpu_model(), "cores": os.cpu_count(),

@@ -12,27 +12,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-from common import cpu_model, write_result
+from common import cpu_model, interleaved_ms, write_result
 
 SHAPES = {"vit_small_patch16_224 b8": 8 * 197, "vits14_cifar10 b8": 8 * 65}
 
 
 def timed(fns: dict, runs: int) -> dict[str, float]:
-    """Median ms of each callable, called in turn ``runs`` times after 3 warm-up rounds."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for i in range(runs + 3):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            if i >= 3:
-                times[name].append(time.perf_counter() - t)
-    return {k: round(1e3 * statistics.median(v), 3) for k, v in times.items()}
+    """Median ms of each callable, called in turn ``runs`` times after 3 warm-up rounds (to the microsecond)."""
+    return {k: round(v, 3) for k, v in interleaved_ms(fns, runs).items()}
 
 
 def main() -> None:
