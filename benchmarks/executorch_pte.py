@@ -277,11 +277,19 @@ def table(args) -> None:
     print_table(cells)
 
 
-def cell_ptes(work: Path, cell: dict) -> tuple[Path, Path]:
-    """The ``.pte`` a table cell lowered and its model's fp32 ``.pte``, in ``work``."""
-    stem = f"{cell['model']}-{cell['pipeline']}{'-' + '-'.join(sorted(cell['set'])) if cell['set'] else ''}"
-    return (work / f"{stem.replace('=', '_')}-b{cell['batch']}.pte",
-            work / f"{cell['model']}-fp32-b{cell['batch']}.pte")
+def recorded_ptes(cells: dict, work: Path, wanted=lambda cell: True):
+    """``(key, cell, its .pte, its model's fp32 .pte)`` for each recorded table cell ``wanted`` whose two files are
+    in ``work``; a cell whose files are not is said and skipped."""
+    for key, cell in cells.items():
+        if not wanted(cell):
+            continue
+        stem = f"{cell['model']}-{cell['pipeline']}{'-' + '-'.join(sorted(cell['set'])) if cell['set'] else ''}"
+        pte = work / f"{stem.replace('=', '_')}-b{cell['batch']}.pte"
+        fp32 = work / f"{cell['model']}-fp32-b{cell['batch']}.pte"
+        if not (pte.exists() and fp32.exists()):
+            print(f"{key}: {pte if not pte.exists() else fp32} is not in --work; skipped", flush=True)
+            continue
+        yield key, cell, pte, fp32
 
 
 def op_profile(path: Path, runs: int) -> dict:
@@ -323,15 +331,10 @@ def profile(args) -> None:
     torch.set_num_threads(args.threads)
     cells, work = load_cells("executorch_pte-table"), Path(args.work)
     out = load_cells(args.result)
-    names = args.pipelines.split(",")
+    models, names = args.models.split(","), args.pipelines.split(",")
     baselines: dict[Path, dict] = {}  # one profile of each fp32 .pte, for all its cells
-    for key, cell in cells.items():
-        if cell["model"] not in args.models.split(",") or (args.pipelines != "all" and cell["pipeline"] not in names):
-            continue
-        pte, fp32 = cell_ptes(work, cell)
-        if not (pte.exists() and fp32.exists()):
-            print(f"{key}: {pte if not pte.exists() else fp32} is not in --work; skipped", flush=True)
-            continue
+    for key, cell, pte, fp32 in recorded_ptes(cells, work, lambda c: c["model"] in models and
+                                              (args.pipelines == "all" or c["pipeline"] in names)):
         if fp32 not in baselines:
             baselines[fp32] = op_profile(fp32, args.runs)
         base, quant = baselines[fp32], op_profile(pte, args.runs)
@@ -357,11 +360,7 @@ def retime(args) -> None:
 
     torch.set_num_threads(args.threads)
     work, cells = Path(args.work), load_cells(args.result)
-    for key, cell in cells.items():
-        pte, fp32 = cell_ptes(work, cell)
-        if not (pte.exists() and fp32.exists()):
-            print(f"{key}: {pte if not pte.exists() else fp32} is not in --work; skipped", flush=True)
-            continue
+    for key, cell, pte, fp32 in recorded_ptes(cells, work):
         method, baseline = load_pte(pte), load_pte(fp32)
         x = torch.randn(*baseline.metadata.input_tensor_meta(0).sizes())
         fp32_ms, pte_ms = interleaved(baseline, method, x, args.runs)
