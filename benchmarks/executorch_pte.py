@@ -397,9 +397,6 @@ def portable_ops(args) -> None:
     compiled if absent) lowered once as usual and once per op class left out of the delegate (portable kernels
     instead: ``--without GeluConfig;SoftmaxConfig;MeanDimConfig``), each ``.pte``'s argmax agreement with the
     artifact on the same test images."""
-    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
     import vitqc.backends.executorch as vx
 
     from vitqc.artifact import load_artifact
@@ -418,10 +415,8 @@ def portable_ops(args) -> None:
     real = vx.xnnpack_partitioner
     rows = []
     for left_out in [[]] + [[name] for name in args.without.split(";")] + [args.without.split(";")]:
-        configs = [c for c in ALL_PARTITIONER_CONFIGS if c.__name__ not in left_out]
         # lower_executorch calls this module's xnnpack_partitioner; the square root stays outside as it does there
-        vx.xnnpack_partitioner = lambda: XnnpackPartitioner(
-            configs=[c for c in configs if c.__name__ not in vx.SQRT_OUTSIDE_XNNPACK])
+        vx.xnnpack_partitioner = lambda: real(without=left_out)
         try:
             result = lower_executorch(art, batch=args.batch, announce=None)
         finally:

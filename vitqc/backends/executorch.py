@@ -37,7 +37,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import Tensor, fx, nn
@@ -457,12 +457,14 @@ def lower_executorch(source: Any, example: Tensor | None = None, *, fp32: bool =
     return PteResult(bytes(et.buffer), delegates, layers, substitution, fp32, portable, exact=not inexact, cost=cost)
 
 
-def xnnpack_partitioner():
-    """XNNPACK's partitioner with every op config but :data:`SQRT_OUTSIDE_XNNPACK`."""
+def xnnpack_partitioner(without: Sequence[str] = ()):
+    """XNNPACK's partitioner with every op config but :data:`SQRT_OUTSIDE_XNNPACK` and those named in ``without``
+    (config class names: what is left out runs on ExecuTorch's portable kernels)."""
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-    return XnnpackPartitioner(configs=[c for c in ALL_PARTITIONER_CONFIGS if c.__name__ not in SQRT_OUTSIDE_XNNPACK])
+    left_out = set(SQRT_OUTSIDE_XNNPACK) | set(without)
+    return XnnpackPartitioner(configs=[c for c in ALL_PARTITIONER_CONFIGS if c.__name__ not in left_out])
 
 
 def count_delegates(gm: fx.GraphModule) -> int:
