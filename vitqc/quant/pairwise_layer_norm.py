@@ -56,7 +56,6 @@ def pairwise_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, e
     return y
 
 
-
 def _slice_of(src: fx.Node, start: int, stop: int) -> fx.Node | None:
     """The user of ``src`` that is ``src[..., start:stop]`` (an exported ``aten.slice.Tensor`` over the last dim;
     ``stop`` may be written as anything at or past the width)."""
